@@ -1,0 +1,45 @@
+# zbackupd: two commands do all the set-up.
+#   make demo   builds and boots the real-ZFS VM and walks through the user story
+#   make check  everything the project tests: lint, types, unit, integration, VM suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv host-deps lint unit fast check vm-test vm-image demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# System packages the integration and VM suites drive for real (sshd, qemu, debootstrap).
+host-deps:
+	scripts/install-host-deps.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# Fast loop: lint, types and every test that needs no VM.
+fast: lint
+	$(BIN)/python -m pytest -m "not vm"
+
+unit: fast
+
+vm-image: venv host-deps
+	$(BIN)/python -m tests.vm.build_image
+
+vm-test: venv host-deps
+	$(BIN)/python -m pytest -m vm tests/vm
+
+check: host-deps fast vm-test
+
+demo: venv host-deps
+	$(BIN)/python -m tests.vm.demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

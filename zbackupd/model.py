@@ -1,0 +1,82 @@
+"""Plain, frozen data the pure core decides on. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A snapshot as ZFS reports it. ``name`` is the full ``pool/fs@snap`` name.
+
+    Identity is the ``guid``; order is ``createtxg``. Names are only for humans.
+    """
+
+    name: str
+    guid: int
+    createtxg: int
+    creation: int = 0  # seconds since the epoch, for retention
+
+    @property
+    def dataset(self) -> str:
+        return self.name.partition("@")[0]
+
+    @property
+    def short_name(self) -> str:
+        return self.name.partition("@")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Bookmark:
+    """A bookmark (``pool/fs#mark``): a space-free incremental source on the server."""
+
+    name: str
+    guid: int
+    createtxg: int
+    creation: int = 0
+
+    @property
+    def dataset(self) -> str:
+        return self.name.partition("#")[0]
+
+    @property
+    def short_name(self) -> str:
+        return self.name.partition("#")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A user hold on a snapshot (``zfs holds -H -p``)."""
+
+    snapshot: str
+    tag: str
+    timestamp: int
+
+
+class Encryption(Enum):
+    """How a source dataset is stored, which decides how it is sent (design.md §4)."""
+
+    ENCRYPTED = "encrypted"  # sent raw (-w): lands with the server's key
+    PLAIN = "plain"  # sent -L -c: lands encrypted under the disk pool's key
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetState:
+    """What the planner needs to know about one dataset on one side."""
+
+    name: str
+    snapshots: tuple[Snapshot, ...]
+    bookmarks: tuple[Bookmark, ...] = ()
+    receive_resume_token: str | None = None
+    written_since_last_snapshot: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DiskIdentity:
+    """Who a disk claims to be: the serial selects it, the pool GUID proves it."""
+
+    serial: str
+    pool_guid: int
+    pool_name: str
+    label: str

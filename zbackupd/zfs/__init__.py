@@ -1,0 +1,1 @@
+"""The ZFS command layer: pure argv builders and parsers, one runner, one facade."""
