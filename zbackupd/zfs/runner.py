@@ -66,7 +66,8 @@ class Runner(Protocol):
 
 def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for children: ours minus systemd's notification sockets, C locale."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _SCRUBBED_ENV}
+    source = os.environ if base is None else base
+    env = {key: value for key, value in source.items() if key not in _SCRUBBED_ENV}
     env["LC_ALL"] = "C"  # parsers rely on untranslated messages
     return env
 

@@ -1,0 +1,196 @@
+"""The daemon's control socket: ``zbackupd status`` and ``zbackupd unlock`` talk through it.
+
+A Unix stream socket, mode 0600 in a 0700 directory, and the peer's credentials
+(``SO_PEERCRED``) are checked on every connection: only root (or the daemon's own user)
+may ask. One request per connection: a JSON header line, then — for ``unlock`` only — the
+passphrase as exactly ``secret_length`` raw bytes, read into a ``bytearray`` the handler
+zeroes. The passphrase never travels inside JSON, so it is never a Python ``str``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from zbackupd.errors import PermanentError, TransientError, ZbackupdError
+
+MAX_HEADER_BYTES = 4096
+MAX_SECRET_BYTES = 4096
+
+log = structlog.get_logger(__name__)
+
+StatusHandler = Callable[[], Awaitable[dict[str, Any]]]
+UnlockHandler = Callable[[bytearray], Awaitable[dict[str, Any]]]
+
+
+class ControlError(PermanentError):
+    """The daemon answered a control request with an error."""
+
+
+class DaemonNotRunning(TransientError):
+    """Nobody listens on the control socket."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        super().__init__(f"zbackupd is not running (no answer on {path}: {reason})")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+class ControlServer:
+    """Serves status and unlock requests; the handlers are the daemon's own methods."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        on_status: StatusHandler,
+        on_unlock: UnlockHandler,
+        allowed_uids: frozenset[int] | None = None,
+    ) -> None:
+        self.path = path
+        self._on_status = on_status
+        self._on_unlock = on_unlock
+        self._allowed = allowed_uids if allowed_uids is not None else frozenset({0, os.getuid()})
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket from a previous run
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock: socket.socket = writer.get_extra_info("socket")
+            peer = peer_credentials(sock)
+            if peer.uid not in self._allowed:
+                log.warning("control request refused", peer_uid=peer.uid, peer_pid=peer.pid)
+                await _reply(writer, {"ok": False, "error": "permission denied: root only"})
+                return
+            response = await self._dispatch(reader)
+            await _reply(writer, response)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the client went away; nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _dispatch(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        try:
+            header = await _read_header(reader)
+            op = header.get("op")
+            if op == "status":
+                return {"ok": True, "result": await self._on_status()}
+            if op == "unlock":
+                secret = await _read_secret(reader, header.get("secret_length"))
+                try:
+                    return {"ok": True, "result": await self._on_unlock(secret)}
+                finally:
+                    secret[:] = bytes(len(secret))
+            raise ControlError(f"unknown request {op!r}")
+        except ZbackupdError as error:
+            return {"ok": False, "error": str(error), "transient": error.transient}
+
+
+async def _read_header(reader: asyncio.StreamReader) -> dict[str, Any]:
+    line = await reader.readuntil(b"\n")
+    if len(line) > MAX_HEADER_BYTES:
+        raise ControlError("request header too long")
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise ControlError("request is not JSON") from None
+    if not isinstance(header, dict):
+        raise ControlError("request is not a JSON object")
+    return header
+
+
+async def _read_secret(reader: asyncio.StreamReader, length: object) -> bytearray:
+    """Read the passphrase straight into a mutable buffer the caller zeroes."""
+    if not isinstance(length, int) or not 0 < length <= MAX_SECRET_BYTES:
+        raise ControlError(f"unlock needs 1..{MAX_SECRET_BYTES} passphrase bytes")
+    secret = bytearray(length)
+    view = memoryview(secret)
+    filled = 0
+    while filled < length:
+        chunk = await reader.read(length - filled)
+        if not chunk:
+            secret[:] = bytes(length)
+            raise asyncio.IncompleteReadError(b"", length)
+        view[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return secret
+
+
+async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
+    writer.write(json.dumps(response, sort_keys=True).encode("utf-8") + b"\n")
+    await writer.drain()
+
+
+async def request(
+    path: Path, op: str, *, secret: bytearray | None = None, timeout: float = 120.0
+) -> dict[str, Any]:
+    """Send one request and return the daemon's ``result``; raise ``ControlError`` on refusal."""
+    header: dict[str, Any] = {"op": op}
+    if secret is not None:
+        header["secret_length"] = len(secret)
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            try:
+                writer.write(json.dumps(header).encode("utf-8") + b"\n")
+                if secret is not None:
+                    writer.write(memoryview(secret))
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+    except (FileNotFoundError, ConnectionRefusedError) as error:
+        raise DaemonNotRunning(path, error.strerror or str(error)) from error
+    except TimeoutError:
+        raise DaemonNotRunning(path, f"no answer within {timeout:g}s") from None
+    if not line:
+        raise ControlError("the daemon closed the connection without answering")
+    response = json.loads(line)
+    if not response.get("ok"):
+        raise ControlError(str(response.get("error", "unknown error")))
+    result: dict[str, Any] = response.get("result", {})
+    return result
