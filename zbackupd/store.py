@@ -1,0 +1,125 @@
+"""Run history and per-disk facts in the state directory, written atomically.
+
+One JSON file (``state.json``): replaced with write-temp + fsync + rename + fsync(dir),
+so a crash or power cut leaves either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zbackupd.errors import PermanentError
+
+STATE_VERSION = 1
+HISTORY_PER_DISK = 50
+
+
+class StateCorrupt(PermanentError):
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: unreadable state ({reason}); move it aside to start afresh")
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetResult:
+    dataset: str
+    outcome: str  # "sent", "up to date", "resumed", "conflict: …", "failed: …"
+    bytes_sent: int = 0
+    newest_snapshot: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    run_id: str
+    disk_label: str
+    serial: str
+    started: float
+    finished: float
+    ok: bool
+    summary: str
+    datasets: tuple[DatasetResult, ...] = field(default_factory=tuple)
+    bytes_sent: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        datasets = tuple(DatasetResult(**d) for d in data.get("datasets", ()))
+        return cls(**{**data, "datasets": datasets})
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class StateStore:
+    """Keeps the last runs of every disk and when each disk was last seen."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "state.json"
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {"version": STATE_VERSION, "runs": {}, "last_seen": {}}
+        try:
+            data = json.loads(raw)
+        except ValueError as error:
+            raise StateCorrupt(self.path, str(error)) from error
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise StateCorrupt(self.path, f"unknown state version {data.get('version')!r}")
+        return data
+
+    def _save(self, data: dict[str, Any]) -> None:
+        write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def record_run(self, record: RunRecord) -> None:
+        data = self._load()
+        runs = data["runs"].setdefault(record.disk_label, [])
+        runs.append(asdict(record))
+        del runs[:-HISTORY_PER_DISK]
+        data["last_seen"][record.disk_label] = record.finished
+        self._save(data)
+
+    def history(self, disk_label: str) -> list[RunRecord]:
+        return [RunRecord.from_dict(r) for r in self._load()["runs"].get(disk_label, [])]
+
+    def last_runs(self) -> dict[str, RunRecord]:
+        runs = self._load()["runs"]
+        return {label: RunRecord.from_dict(items[-1]) for label, items in runs.items() if items}
+
+    def last_success(self, disk_label: str) -> RunRecord | None:
+        successes = [r for r in self.history(disk_label) if r.ok]
+        return successes[-1] if successes else None
+
+    def mark_seen(self, disk_label: str, when: float) -> None:
+        data = self._load()
+        data["last_seen"][disk_label] = when
+        self._save(data)
+
+    def last_seen(self) -> dict[str, float]:
+        seen: dict[str, float] = self._load()["last_seen"]
+        return seen
