@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import pytest
+
+from zbackupd.udevrule import UnsafeSerial, udev_rule
+
+
+def test_one_line_per_serial_sorted_and_deduplicated() -> None:
+    text = udev_rule(["WD-2", "WD-1", "WD-2"])
+    rules = [line for line in text.splitlines() if not line.startswith("#")]
+    assert rules == [
+        'ACTION=="add", SUBSYSTEM=="block", ENV{ID_SERIAL_SHORT}=="WD-1", '
+        'ENV{ID_FS_TYPE}=="zfs_member", TAG+="systemd", ENV{SYSTEMD_WANTS}+="zbackupd.service"',
+        'ACTION=="add", SUBSYSTEM=="block", ENV{ID_SERIAL_SHORT}=="WD-2", '
+        'ENV{ID_FS_TYPE}=="zfs_member", TAG+="systemd", ENV{SYSTEMD_WANTS}+="zbackupd.service"',
+    ]
+
+
+@pytest.mark.parametrize("serial", ['a"b', "a*", "a?", "a b", "", "x\nRUN+=\"/bin/sh\""])
+def test_serials_that_could_change_the_rule_are_refused(serial: str) -> None:
+    with pytest.raises(UnsafeSerial):
+        udev_rule([serial])
