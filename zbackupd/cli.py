@@ -2,67 +2,264 @@
 
 Each subcommand is a small function taking parsed arguments and returning an exit code;
 heavy modules are imported inside them so that ``--version`` and ``--help`` stay instant.
+Errors zbackupd raises on purpose (``ZbackupdError``) become one line on stderr and exit
+status 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zbackupd import __version__
+
+if TYPE_CHECKING:
+    from zbackupd.config import Config
+    from zbackupd.secret import SecretBytes
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+DEFAULT_CONFIG_PATH = Path("/etc/zbackupd/zbackupd.toml")
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _check_config(args: argparse.Namespace) -> int:
-    from zbackupd.config import ConfigError, load_config
+def _load(args: argparse.Namespace) -> Config:
+    from zbackupd.config import load_config
 
-    path: Path = args.path
-    try:
-        config = load_config(path)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return EXIT_FAILURE
+    return load_config(args.config)
+
+
+def _read_passphrase(
+    args: argparse.Namespace, prompt: str, *, confirm: bool = False
+) -> SecretBytes:
+    """From the terminal (echo off), or one line on stdin with ``--passphrase-stdin``."""
+    from zbackupd.errors import PermanentError
+    from zbackupd.secret import prompt_secret, read_secret
+
+    if args.passphrase_stdin:
+        return read_secret(sys.stdin.fileno(), source="stdin")
+    first = prompt_secret(prompt)
+    if confirm:
+        with prompt_secret("Repeat the passphrase: ") as again:
+            if again != first:
+                first.wipe()
+                raise PermanentError("the passphrases differ; nothing was changed")
+    return first
+
+
+# -- subcommands ---------------------------------------------------------------------------
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
     print(
-        f"{path}: OK ({len(config.sources)} source(s), {len(config.disks)} disk(s): "
-        + ", ".join(disk.label for disk in config.disks)
+        f"{args.config}: OK ({len(config.sources)} source(s), {len(config.disks)} disk(s)"
+        + (": " + ", ".join(disk.label for disk in config.disks) if config.disks else "")
         + ")"
     )
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from zbackupd.config import DEFAULT_CONFIG_PATH
+def _run(args: argparse.Namespace) -> int:
+    from zbackupd.control import ControlServer
+    from zbackupd.daemon import Daemon
+    from zbackupd.keys import KeyStore
+    from zbackupd.logs import configure_logging
+    from zbackupd.notify import notifier_from_environment, watchdog_interval
+    from zbackupd.store import StateStore
+    from zbackupd.udev import UdevWatcher
+    from zbackupd.zfs.facade import Zfs
+    from zbackupd.zfs.runner import LocalRunner
 
+    config = _load(args)
+    configure_logging(mode=args.log_format)
+    notifier = notifier_from_environment()
+    interval = watchdog_interval()
+    known = [disk.identity for disk in config.disks]
+    runner = LocalRunner()
+    daemon = Daemon(
+        config,
+        zfs=Zfs(runner, timeout=args.command_timeout),
+        runner=runner,
+        keystore=KeyStore(config.daemon.keys_dir),
+        store=StateStore(config.daemon.state_dir),
+        notifier=notifier,
+        watcher_factory=lambda on_match: UdevWatcher(known, on_match),
+        watchdog_interval=interval,
+    )
+    control = ControlServer(
+        config.daemon.control_socket,
+        on_status=daemon.handle_status,
+        on_unlock=daemon.handle_unlock,
+    )
+    asyncio.run(daemon.run(control))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from zbackupd.control import request
+
+    config = _load(args)
+    result = asyncio.run(request(config.daemon.control_socket, "status"))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(result["summary"])
+    for disk in result["disks"]:
+        line = f"  {disk['label']:<16} {disk['serial']:<24} {disk['phase']}"
+        if disk["last_result"]:
+            line += f"  last: {disk['last_result']}"
+        print(line)
+    return EXIT_OK
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    from zbackupd.control import request
+
+    config = _load(args)
+    with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
+        result = asyncio.run(request(config.daemon.control_socket, "unlock", secret=passphrase))
+    print(result["summary"])
+    return EXIT_OK
+
+
+def _keysetup(args: argparse.Namespace) -> int:
+    from zbackupd.keys import KeyStore, calibrate
+
+    config = _load(args)
+    store = KeyStore(config.daemon.keys_dir)
+    print(f"Calibrating Argon2id to about {args.kdf_seconds:g}s on this machine …",
+          file=sys.stderr)
+    params = calibrate(args.kdf_seconds)
+    with _read_passphrase(args, "New zbackupd passphrase: ", confirm=True) as passphrase:
+        store.create(passphrase, params)
+    print(f"key store created in {store.keys_dir} ({params})")
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from zbackupd.keys import KeyStore
+    from zbackupd.sshkey import authorized_keys_line, generate_identity
+
+    config = _load(args)
+    with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
+        master = KeyStore(config.daemon.keys_dir).unlock_blocking(passphrase)
+    with master, master.ssh_passphrase() as ssh_passphrase:
+        public = generate_identity(config.daemon.ssh_key_file, ssh_passphrase)
+    print(authorized_keys_line(public, gate_command=args.gate_command, from_=args.source_address))
+    return EXIT_OK
+
+
+def _recovery_key(args: argparse.Namespace) -> int:
+    from zbackupd.errors import PermanentError
+    from zbackupd.keys import KeyStore
+
+    config = _load(args)
+    disk = config.disk_by_label(args.label)
+    if disk is None:
+        raise PermanentError(f"no disk labelled {args.label!r} in {args.config}")
+    with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
+        master = KeyStore(config.daemon.keys_dir).unlock_blocking(passphrase)
+    with master, master.recovery_key(disk.label) as key:
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), bytes(key) + b"\n")
+    print(f"# pool {disk.pool_name}: printf '%s' '<key>' | xxd -r -p | "
+          f"zfs load-key -L prompt {disk.pool_name}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _udev_rule(args: argparse.Namespace) -> int:
+    from zbackupd.udevrule import udev_rule
+
+    config = _load(args)
+    print(udev_rule(disk.serial for disk in config.disks), end="")
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zbackupd",
         description="Offline, offsite ZFS backups on rotated external disks.",
     )
     parser.add_argument("--version", action="version", version=f"zbackupd {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    check = commands.add_parser(
-        "check-config", help="validate the configuration file and report every problem"
-    )
-    check.add_argument(
-        "path", nargs="?", type=Path, default=DEFAULT_CONFIG_PATH,
+    parser.add_argument(
+        "-c", "--config", type=Path, default=DEFAULT_CONFIG_PATH,
         help=f"configuration file (default: {DEFAULT_CONFIG_PATH})",
     )
-    check.set_defaults(handler=_check_config)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def takes_passphrase(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--passphrase-stdin", action="store_true",
+                         help="read the passphrase as one line from stdin instead of the tty")
+
+    check = command("check-config", _check_config,
+                    "validate the configuration file and report every problem")
+    check.add_argument("path", nargs="?", type=Path, default=None,
+                       help="configuration file (default: --config)")
+
+    run = command("run", _run, "run the daemon (systemd starts this)")
+    run.add_argument("--log-format", choices=("auto", "journal", "console", "json"),
+                     default="auto")
+    run.add_argument("--command-timeout", type=float, default=600.0,
+                     help="seconds any single zfs/zpool command may take (streams excepted)")
+
+    status = command("status", _status, "what the daemon is doing, and each disk's last run")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    takes_passphrase(command("unlock", _unlock, "give the running daemon the passphrase"))
+
+    keysetup = command("keysetup", _keysetup,
+                       "create this installation's salt, KDF parameters and verifier")
+    keysetup.add_argument("--kdf-seconds", type=float, default=1.0)
+    takes_passphrase(keysetup)
+
+    keygen = command("keygen", _keygen,
+                     "make the SSH identity (stored encrypted) and print its authorized_keys line")
+    keygen.add_argument("--gate-command", default="zbackupd-gate --config /etc/zbackupd/gate.toml")
+    keygen.add_argument("--source-address", default=None,
+                        help="restrict the key to this client address (from=)")
+    takes_passphrase(keygen)
+
+    recovery = command("recovery-key", _recovery_key,
+                       "print a disk's pool key for recovery on another machine")
+    recovery.add_argument("label")
+    takes_passphrase(recovery)
+
+    command("udev-rule", _udev_rule, "print the udev rule for the configured disks")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from zbackupd.errors import ZbackupdError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return handler(args)
+    if getattr(args, "path", None) is not None:
+        args.config = args.path
+    try:
+        return handler(args)
+    except ZbackupdError as error:
+        print(f"zbackupd {args.command}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

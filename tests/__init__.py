@@ -1,0 +1,1 @@
+"""zbackupd test suites."""

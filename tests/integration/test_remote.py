@@ -1,0 +1,180 @@
+"""The SSH remote layer against a real in-process asyncssh server on loopback."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+from collections.abc import Sequence
+
+import asyncssh
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.integration.sshd import FakeServer, fake_server
+from zbackupd.errors import CommandError, TransientError
+from zbackupd.remote import (
+    AuthenticationRejected,
+    HostKeyRejected,
+    InvalidHostKey,
+    RemoteUnavailable,
+    SshTarget,
+    connect,
+    remote_command,
+)
+from zbackupd.zfs.parse import DatasetNotFound
+from zbackupd.zfs.runner import CommandTimeout
+
+__all__ = ["fake_server"]  # the fixture, imported for pytest
+
+NASTY_WORDS = ["a b", "$(touch /tmp/pwned)", "'", '"', "", "*", "x;y", "`id`", "tab\there", "ü"]
+
+
+@given(st.lists(st.text(st.characters(blacklist_characters="\0\n")), min_size=1))
+def test_remote_command_splits_back_to_the_same_argv(words: list[str]) -> None:
+    assert shlex.split(remote_command(words)) == words
+
+
+@pytest.mark.parametrize("bad", [[], ["zfs", "a\nb"], ["zfs", "a\0b"]])
+def test_remote_command_refuses_what_a_command_line_cannot_carry(bad: Sequence[str]) -> None:
+    with pytest.raises(ValueError, match="remote"):
+        remote_command(bad)
+
+
+async def test_runs_a_command_and_the_server_sees_exactly_our_argv(fake_server: FakeServer) -> None:
+    async with await connect(fake_server.target(), fake_server.client_key) as remote:
+        result = await remote.run(["echo-argv", *NASTY_WORDS])
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == NASTY_WORDS
+    assert fake_server.state.commands == [("echo-argv", *NASTY_WORDS)]
+
+
+async def test_failed_command_is_classified(fake_server: FakeServer) -> None:
+    class DatasetMissing(CommandError):
+        pass
+
+    seen: list[tuple[tuple[str, ...], int, str]] = []
+
+    def classify(argv: Sequence[str], returncode: int, stderr: str) -> CommandError:
+        seen.append((tuple(argv), returncode, stderr))
+        return DatasetMissing(argv, returncode, stderr, transient=False)
+
+    async with await connect(
+        fake_server.target(), fake_server.client_key, classify=classify
+    ) as remote:
+        with pytest.raises(DatasetMissing) as caught:
+            await remote.run(["fail", "dataset", "does", "not", "exist"])
+        unchecked = await remote.run(["fail", "quietly"], check=False)
+    assert caught.value.returncode == 1
+    assert caught.value.stderr == "dataset does not exist\n"
+    assert seen == [(("fail", "dataset", "does", "not", "exist"), 1, "dataset does not exist\n")]
+    assert unchecked.returncode == 1
+    assert unchecked.stderr == "quietly\n"
+
+
+async def test_default_classification_is_a_permanent_command_error(
+    fake_server: FakeServer,
+) -> None:
+    async with await connect(fake_server.target(), fake_server.client_key) as remote:
+        with pytest.raises(CommandError) as caught:
+            await remote.run(["fail", "boom"])
+    assert type(caught.value) is CommandError
+    assert caught.value.transient is False
+    assert caught.value.argv == ("fail", "boom")
+
+
+async def test_wrong_host_key_is_rejected_naming_both_fingerprints(
+    fake_server: FakeServer,
+) -> None:
+    impostor = asyncssh.generate_private_key("ssh-ed25519")
+    target = fake_server.target(host_key=impostor.export_public_key().decode())
+    with pytest.raises(HostKeyRejected) as caught:
+        await connect(target, fake_server.client_key)
+    error = caught.value
+    assert error.transient is False
+    assert error.expected_fingerprint == impostor.get_fingerprint()
+    assert error.offered_fingerprint == fake_server.host_key.get_fingerprint()
+    assert error.host == "127.0.0.1"
+    assert error.port == fake_server.port
+    assert error.offered_fingerprint in str(error)
+    assert fake_server.state.commands == []
+
+
+async def test_pinned_key_of_another_type_is_rejected(fake_server: FakeServer) -> None:
+    other_type = asyncssh.generate_private_key("ecdsa-sha2-nistp256")
+    target = fake_server.target(host_key=other_type.export_public_key().decode())
+    with pytest.raises(HostKeyRejected) as caught:
+        await connect(target, fake_server.client_key)
+    assert caught.value.expected_fingerprint == other_type.get_fingerprint()
+
+
+async def test_garbage_host_key_is_a_permanent_config_error(fake_server: FakeServer) -> None:
+    with pytest.raises(InvalidHostKey):
+        await connect(fake_server.target(host_key="ssh-ed25519 not-base64"), fake_server.client_key)
+
+
+async def test_unknown_client_key_is_refused(fake_server: FakeServer) -> None:
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+    with pytest.raises(AuthenticationRejected) as caught:
+        await connect(fake_server.target(), stranger)
+    assert caught.value.transient is False
+    assert caught.value.username == "zbackupd"
+
+
+async def test_nothing_listening_is_transient() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connection refused
+        target = SshTarget(
+            host="127.0.0.1", port=port, user="u", host_key=_any_host_key(), connect_timeout=5
+        )
+        with pytest.raises(RemoteUnavailable) as caught:
+            await connect(target, asyncssh.generate_private_key("ssh-ed25519"))
+    assert isinstance(caught.value, TransientError)
+    assert caught.value.port == port
+
+
+async def test_dropped_connection_during_a_command_is_transient(fake_server: FakeServer) -> None:
+    remote = await connect(fake_server.target(), fake_server.client_key)
+    try:
+        with pytest.raises(RemoteUnavailable) as caught:
+            await remote.run(["drop"])
+    finally:
+        remote.close()
+        await remote.wait_closed()
+    assert caught.value.transient is True
+
+
+async def test_command_timeout_is_transient_and_the_channel_is_closed(
+    fake_server: FakeServer,
+) -> None:
+    async with await connect(fake_server.target(), fake_server.client_key) as remote:
+        with pytest.raises(CommandTimeout) as caught:
+            await remote.run(["sleep", "30"], timeout=0.3)
+        # The connection stays usable after a timed-out command.
+        again = await remote.run(["echo-argv", "still", "here"])
+    assert caught.value.transient is True
+    assert json.loads(again.stdout) == ["still", "here"]
+
+
+async def test_negotiates_aes_gcm_first(fake_server: FakeServer) -> None:
+    remote = await connect(fake_server.target(), fake_server.client_key)
+    try:
+        assert remote.negotiated_cipher == "aes128-gcm@openssh.com"
+    finally:
+        remote.close()
+        await remote.wait_closed()
+
+
+def _any_host_key() -> str:
+    return asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+
+
+async def test_remote_stderr_is_classified_by_the_zfs_parser_by_default(
+    fake_server: FakeServer,
+) -> None:
+    async with await connect(fake_server.target(), fake_server.client_key) as remote:
+        with pytest.raises(DatasetNotFound) as caught:
+            await remote.run(["fail", "cannot open 'pool/x': dataset does not exist"])
+    assert caught.value.argv == ("fail", "cannot open 'pool/x': dataset does not exist")

@@ -1,0 +1,349 @@
+"""The long-running daemon: udev events in, one session per disk, status out.
+
+Holds the only copies of the unlocked secrets (the master key and the decrypted SSH
+key), in memory. Tells systemd READY/STATUS/WATCHDOG/STOPPING, serves the control
+socket, and on SIGTERM cancels running sessions, which still export their pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncssh
+import structlog
+
+from zbackupd import remote
+from zbackupd.config import Config, Disk, Source
+from zbackupd.errors import PermanentError, ZbackupdError
+from zbackupd.keys import KeyStore, MasterKey
+from zbackupd.notify import Notifier
+from zbackupd.power import DiskPower
+from zbackupd.remote import RemoteHost
+from zbackupd.secret import SecretBytes, read_secret
+from zbackupd.session import Session
+from zbackupd.sshkey import load_identity
+from zbackupd.status import DaemonStatus, DiskStatus, Phase, as_dict, status_line
+from zbackupd.store import StateStore
+from zbackupd.udev import (
+    Candidate,
+    DiskEvent,
+    Impostor,
+    Match,
+    NotOurs,
+    Removed,
+    SerialMismatch,
+)
+from zbackupd.zfs import parse
+from zbackupd.zfs.facade import Zfs
+from zbackupd.zfs.runner import Runner
+
+log = structlog.get_logger(__name__)
+
+#: The file systemd puts the passphrase credential in (``LoadCredential[Encrypted]=``).
+CREDENTIAL_NAME = "zbackupd-passphrase"
+#: How long recovery of a suspended pool may wait for the stuck session to end.
+RECOVERY_WAIT_SECONDS = 300.0
+
+
+class Watcher(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def begin_session(self, disk: Any) -> None: ...
+
+    def end_session(self, disk: Any) -> None: ...
+
+
+class AlreadyUnlocked(PermanentError):
+    def __init__(self) -> None:
+        super().__init__("already unlocked")
+
+
+class Daemon:
+    """Wires the pieces together; every collaborator is a constructor argument."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        zfs: Zfs,
+        runner: Runner,
+        keystore: KeyStore,
+        store: StateStore,
+        notifier: Notifier,
+        watcher_factory: Callable[[Callable[[Match], None]], Watcher],
+        power: DiskPower | None = None,
+        watchdog_interval: float | None = None,
+    ) -> None:
+        self.config = config
+        self._zfs = zfs
+        self._runner = runner
+        self._keystore = keystore
+        self._store = store
+        self._notifier = notifier
+        self._watcher = watcher_factory(self._on_match)
+        self._power = power or DiskPower()
+        self._watchdog_interval = watchdog_interval
+        self._master: MasterKey | None = None
+        self._client_key: asyncssh.SSHKey | None = None
+        self._status = DaemonStatus(locked=True)
+        self._sessions: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, DiskEvent] = {}
+        self._stopping = asyncio.Event()
+        self._unlock_lock = asyncio.Lock()
+        for label, record in store.last_runs().items():
+            disk = config.disk_by_label(label)
+            if disk is not None:
+                self._status = self._status.with_disk(DiskStatus(
+                    label, disk.serial, Phase.DONE if record.ok else Phase.FAILED,
+                    run_id=record.run_id, last_result=record.summary,
+                    last_success=record.finished if record.ok else None,
+                ))
+
+    # -- status --------------------------------------------------------------------------
+
+    @property
+    def status(self) -> DaemonStatus:
+        return self._status
+
+    def _update(self, disk: DiskStatus) -> None:
+        self._status = self._status.with_disk(disk)
+        self._publish()
+
+    def _publish(self) -> None:
+        self._notifier.status(status_line(self._status))
+
+    async def handle_status(self) -> dict[str, Any]:
+        return as_dict(self._status)
+
+    # -- unlocking -----------------------------------------------------------------------
+
+    async def handle_unlock(self, passphrase: bytearray) -> dict[str, Any]:
+        """Derive the keys (off the loop), decrypt the SSH key, then start waiting disks."""
+        async with self._unlock_lock:
+            if self._master is not None:
+                raise AlreadyUnlocked
+            master = await self._keystore.unlock(passphrase)
+            try:
+                with master.ssh_passphrase() as ssh_passphrase:
+                    client_key = await asyncio.to_thread(
+                        load_identity, self.config.daemon.ssh_key_file, ssh_passphrase
+                    )
+            except ZbackupdError:
+                master.wipe()
+                raise
+            self._master, self._client_key = master, client_key
+        self._status = replace(self._status, locked=False)
+        log.info("unlocked")
+        self._publish()
+        for label, event in list(self._waiting.items()):
+            del self._waiting[label]
+            disk = self.config.disk_by_label(label)
+            if disk is not None:
+                self._start_session(disk, event)
+        return as_dict(self._status)
+
+    async def _unlock_from_credential(self) -> None:
+        """Unattended mode: a systemd credential holds the passphrase (maybe TPM2-sealed)."""
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            return
+        path = Path(directory) / CREDENTIAL_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            passphrase: SecretBytes = read_secret(fd, source=str(path))
+        finally:
+            os.close(fd)
+        try:
+            await self.handle_unlock(passphrase)
+        except ZbackupdError as error:
+            log.error("unlock from credential failed", credential=str(path), error=str(error))
+        finally:
+            passphrase.wipe()
+
+    def _pool_key(self, disk: Disk) -> Callable[[], bytearray]:
+        def derive() -> bytearray:
+            if self._master is None:
+                raise PermanentError("locked: the pool key is not available")
+            return self._master.pool_key(disk.label)
+
+        return derive
+
+    async def _connect(self, source: Source) -> RemoteHost:
+        if self._client_key is None:
+            raise PermanentError("locked: the SSH key is not available")
+        return await remote.connect(remote.SshTarget.from_source(source), self._client_key)
+
+    # -- udev ----------------------------------------------------------------------------
+
+    def _on_match(self, match: Match) -> None:
+        if isinstance(match, NotOurs):
+            return
+        disk = self.config.disk_by_label(match.identity.label)
+        if disk is None:
+            return
+        if isinstance(match, Impostor | SerialMismatch):
+            log.error("disk refused", disk=disk.serial, disk_label=disk.label,
+                      reason=match.describe())
+            self._update(DiskStatus(disk.label, disk.serial, Phase.REFUSED,
+                                    message=match.describe()))
+            return
+        if isinstance(match, Removed):
+            self._on_removed(disk)
+            return
+        if isinstance(match, Candidate):
+            self._on_candidate(disk, match.event)
+
+    def _on_candidate(self, disk: Disk, event: DiskEvent) -> None:
+        running = self._sessions.get(disk.label)
+        current = next((d for d in self._status.disks if d.label == disk.label), None)
+        if running is not None and not running.done():
+            if current is not None and current.phase is Phase.SUSPENDED:
+                log.info("suspended disk is back", disk=disk.serial, disk_label=disk.label)
+                task = asyncio.create_task(self._recover(disk, event, running))
+                self._sessions[disk.label] = task
+            return
+        if self._master is None:
+            self._waiting[disk.label] = event
+            log.info("disk waits for unlock", disk=disk.serial, disk_label=disk.label)
+            self._update(DiskStatus(disk.label, disk.serial, Phase.WAITING_FOR_UNLOCK,
+                                    message="run `zbackupd unlock`"))
+            return
+        self._start_session(disk, event)
+
+    def _on_removed(self, disk: Disk) -> None:
+        self._waiting.pop(disk.label, None)
+        running = self._sessions.get(disk.label)
+        current = next((d for d in self._status.disks if d.label == disk.label), None)
+        if running is None or running.done() or current is None:
+            if current is not None and current.phase is Phase.WAITING_FOR_UNLOCK:
+                self._update(replace(current, phase=Phase.DONE, message="unplugged"))
+            return
+        if current.phase in (Phase.POWERING_OFF, Phase.DONE):
+            return  # our own power-off removed it
+        asyncio.create_task(self._check_suspended(disk))  # noqa: RUF006 -- reports via status
+
+    async def _check_suspended(self, disk: Disk) -> None:
+        """The disk vanished under a running session: is its pool suspended?"""
+        try:
+            async with asyncio.timeout(30):
+                rows = await self._zfs.list_pools()
+        except (ZbackupdError, TimeoutError) as error:
+            log.warning("pool state unknown after removal", disk=disk.serial, error=str(error))
+            return
+        for row in rows:
+            if row.guid == disk.pool_guid and row.health is parse.PoolHealth.SUSPENDED:
+                message = f"disk pulled mid-write: re-plug disk {disk.label} to finish"
+                log.error("pool suspended", disk=disk.serial, disk_label=disk.label,
+                          pool=row.name)
+                current = next(d for d in self._status.disks if d.label == disk.label)
+                self._update(replace(current, phase=Phase.SUSPENDED, message=message,
+                                     progress=None))
+
+    async def _recover(self, disk: Disk, event: DiskEvent, stuck: asyncio.Task[None]) -> None:
+        """The pulled disk is back: ``zpool clear`` lets the stuck I/O finish, then go on."""
+        try:
+            await self._zfs.clear_pool(disk.pool_name)
+        except ZbackupdError as error:
+            log.error("zpool clear failed", disk=disk.serial, error=str(error))
+        try:
+            async with asyncio.timeout(RECOVERY_WAIT_SECONDS):
+                await asyncio.shield(stuck)
+        except TimeoutError:
+            log.error("earlier session still stuck after clear", disk=disk.serial)
+            return
+        except asyncio.CancelledError:
+            if not stuck.done():
+                raise
+        self._run_session_now(disk, event)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _start_session(self, disk: Disk, event: DiskEvent) -> None:
+        running = self._sessions.get(disk.label)
+        if running is not None and not running.done():
+            return
+        self._run_session_now(disk, event)
+
+    def _run_session_now(self, disk: Disk, event: DiskEvent) -> None:
+        session = Session(
+            config=self.config,
+            disk=disk,
+            import_device=event.import_path or "",
+            power_device=event.device_node or event.import_path or "",
+            zfs=self._zfs,
+            runner=self._runner,
+            connect=self._connect,
+            power=self._power,
+            report=self._update,
+            pool_key=self._pool_key(disk),
+        )
+        self._sessions[disk.label] = asyncio.create_task(self._run_session(disk, session))
+
+    async def _run_session(self, disk: Disk, session: Session) -> None:
+        self._watcher.begin_session(disk.identity)
+        try:
+            with structlog.contextvars.bound_contextvars(
+                disk=disk.serial, disk_label=disk.label, run_id=session.run_id
+            ):
+                record = await session.run()
+            self._store.record_run(record)
+            self._update(session.status)
+            log.info("run finished", disk=disk.serial, run_id=session.run_id, ok=record.ok,
+                     summary=record.summary, bytes_sent=record.bytes_sent)
+        finally:
+            self._watcher.end_session(disk.identity)
+
+    # -- main loop -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self._notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def run(self, control: Any) -> None:
+        """Serve until ``stop()`` (SIGTERM/SIGINT); then cancel sessions and say goodbye."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        watchdog = (
+            asyncio.create_task(self._watchdog(self._watchdog_interval))
+            if self._watchdog_interval
+            else None
+        )
+        await control.start()
+        try:
+            await self._unlock_from_credential()
+            self._watcher.start()
+            self._notifier.ready(status_line(self._status))
+            log.info("zbackupd ready", disks=[d.label for d in self.config.disks])
+            await self._stopping.wait()
+            self._notifier.stopping("stopping: aborting transfers and exporting pools")
+            log.info("stopping")
+            self._watcher.stop()
+            for task in self._sessions.values():
+                task.cancel()
+            await asyncio.gather(*self._sessions.values(), return_exceptions=True)
+        finally:
+            await control.close()
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+            if self._master is not None:
+                self._master.wipe()
+            self._client_key = None

@@ -1,0 +1,550 @@
+"""One backup of one attached disk, as an explicit state machine.
+
+import → verify identity → unlock → for each source: connect → snapshot → list → plan
+→ transfer → move cursor → prune → unload key → export → power off → record.
+
+Every phase is reported through ``report`` (the daemon turns it into ``STATUS=`` and the
+control socket's answer). Failures of one dataset are isolated (the others still run);
+failures of the disk (import, key, export) end the session. Whatever happens after the
+pool was imported, the session tries to unload the key and export it, unless the pool is
+suspended (the disk was pulled): then it says so and leaves the pool for ``zpool clear``
+when the same disk comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Protocol
+
+import structlog
+
+from zbackupd import plan as planner
+from zbackupd.config import Config, Disk, Source, SourceDataset
+from zbackupd.errors import PermanentError, ZbackupdError
+from zbackupd.model import Bookmark, DatasetState, Encryption, Snapshot
+from zbackupd.power import DiskGone, PoweredOff
+from zbackupd.remote import RemoteHost
+from zbackupd.retention import RetentionPolicy, protections, select_for_destroy
+from zbackupd.status import DiskStatus, Phase, Progress
+from zbackupd.store import DatasetResult, RunRecord
+from zbackupd.transfer import TransferProgress, stream
+from zbackupd.zfs import argv as zargv
+from zbackupd.zfs import names, parse
+from zbackupd.zfs.facade import Zfs
+from zbackupd.zfs.runner import Runner
+
+log = structlog.get_logger(__name__)
+
+#: How long ``zpool export`` is retried while the pool is busy (seconds, doubling).
+EXPORT_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: A resume may reveal another resume (a second interrupted stream): bounded re-planning.
+MAX_REPLANS = 4
+
+
+class Connector(Protocol):
+    """Opens an SSH connection to a configured source (the daemon holds the client key)."""
+
+    def __call__(self, source: Source) -> Awaitable[RemoteHost]: ...
+
+
+class PowerSwitch(Protocol):
+    async def power_off(self, device: str) -> PoweredOff: ...
+
+
+class PoolIdentityMismatch(PermanentError):
+    """The imported pool is not the configured one (name or GUID): refuse to touch it."""
+
+
+class WrongDiskKey(PermanentError):
+    """The pool refused our key: another installation's disk, or another passphrase."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDatasetInfo:
+    """One server dataset selected for backup and where it lands on the disk."""
+
+    name: str
+    encryption: Encryption
+    target: str
+    config: SourceDataset
+
+
+@dataclass(slots=True)
+class _RunLog:
+    """Mutable tally of one run; frozen into a ``RunRecord`` at the end."""
+
+    results: list[DatasetResult] = field(default_factory=list)
+    bytes_sent: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def target_dataset(disk: Disk, source: Source, dataset: str) -> str:
+    """Where ``dataset`` of ``source`` lands: ``<target_root>/<source name>/<dataset>``.
+
+    The source name keeps two servers' ``tank/home`` apart on one disk.
+    """
+    return f"{disk.target_root}/{source.name}/{dataset}"
+
+
+def select_datasets(
+    disk: Disk, source: Source, rows: Sequence[parse.DatasetRow]
+) -> tuple[SourceDatasetInfo, ...]:
+    """The server datasets the configuration selects, parents before children."""
+    chosen: dict[str, SourceDatasetInfo] = {}
+    for config in source.datasets:
+        for row in rows:
+            if config.selects(row.name):
+                chosen.setdefault(
+                    row.name,
+                    SourceDatasetInfo(
+                        row.name, row.encryption, target_dataset(disk, source, row.name), config
+                    ),
+                )
+    return tuple(sorted(chosen.values(), key=lambda info: info.name))
+
+
+def snapshot_filter(config: SourceDataset) -> planner.SnapshotFilter:
+    if config.snapshots == "reuse" and config.reuse_pattern is not None:
+        return planner.SnapshotFilter(reuse_patterns=(config.reuse_pattern,))
+    return planner.SnapshotFilter(own_prefix=config.snapshot_prefix + "_")
+
+
+def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
+    kept = config.retention_for(disk)
+    return RetentionPolicy(
+        keep_last=kept.keep_last,
+        hourly=kept.hourly,
+        daily=kept.daily,
+        weekly=kept.weekly,
+        monthly=kept.monthly,
+        yearly=kept.yearly,
+    )
+
+
+class Session:
+    """One run for one disk. Construct, then ``await run()`` once."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        disk: Disk,
+        import_device: str,
+        power_device: str,
+        zfs: Zfs,
+        runner: Runner,
+        connect: Connector,
+        power: PowerSwitch,
+        report: Callable[[DiskStatus], None],
+        pool_key: Callable[[], bytearray],
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        run_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.disk = disk
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._import_device = import_device
+        self._power_device = power_device
+        self._zfs = zfs
+        self._runner = runner
+        self._connect = connect
+        self._power = power
+        self._report = report
+        self._pool_key = pool_key
+        self._now = now
+        self._status = DiskStatus(disk.label, disk.serial, Phase.DETECTED, run_id=self.run_id)
+        self._log = log.bind(disk=disk.serial, disk_label=disk.label, run_id=self.run_id)
+        self._imported = False
+        self._tally = _RunLog()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    @property
+    def status(self) -> DiskStatus:
+        return self._status
+
+    def _enter(self, phase: Phase, message: str = "", progress: Progress | None = None) -> None:
+        self._status = replace(self._status, phase=phase, message=message, progress=progress)
+        self._report(self._status)
+        if phase is not Phase.TRANSFERRING or progress is None:
+            self._log.info(f"disk {self.disk.label}: {phase.value}", phase=phase.value,
+                           detail=message or None)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self) -> RunRecord:
+        """Run the whole session; always returns a record (the outcome is in it)."""
+        started = time.time()
+        outcome = "ok"
+        ok = False
+        try:
+            await self._import()
+            try:
+                await self._unlock()
+                for source in self.config.sources_for(self.disk):
+                    await self._back_up_source(source)
+            finally:
+                if self._imported:
+                    await self._close_pool()
+            await self._power_off()
+            ok = not self._tally.problems
+            outcome = "ok" if ok else "finished with problems: " + "; ".join(self._tally.problems)
+            self._enter(Phase.DONE, outcome)
+        except asyncio.CancelledError:
+            self._enter(Phase.FAILED, "stopped: transfer aborted, pool exported")
+            raise
+        except parse.PoolSuspended as error:
+            outcome = f"disk pulled mid-write: re-plug disk {self.disk.label} to finish"
+            self._log.error("pool suspended", error=str(error))
+            self._enter(Phase.SUSPENDED, outcome)
+        except (PoolIdentityMismatch, WrongDiskKey) as error:
+            outcome = f"refused: {error}"
+            self._log.error("disk refused", error=str(error))
+            self._enter(Phase.REFUSED, outcome)
+        except ZbackupdError as error:
+            outcome = f"failed: {error}"
+            self._log.error("session failed", error=str(error), error_type=type(error).__name__,
+                            transient=error.transient)
+            self._enter(Phase.FAILED, outcome)
+        finished = time.time()
+        self._status = replace(
+            self._status,
+            last_result=f"{outcome} ({datetime.fromtimestamp(finished, UTC):%Y-%m-%d %H:%M} UTC)",
+            last_success=finished if ok else None,
+        )
+        return RunRecord(
+            run_id=self.run_id,
+            disk_label=self.disk.label,
+            serial=self.disk.serial,
+            started=started,
+            finished=finished,
+            ok=ok,
+            summary=outcome,
+            datasets=tuple(self._tally.results),
+            bytes_sent=self._tally.bytes_sent,
+        )
+
+    # -- pool ------------------------------------------------------------------------------
+
+    async def _find_imported(self) -> parse.PoolRow | None:
+        for row in await self._zfs.list_pools():
+            if row.guid == self.disk.pool_guid:
+                return row
+        return None
+
+    async def _import(self) -> None:
+        self._enter(Phase.IMPORTING, f"pool {self.disk.pool_name} from {self._import_device}")
+        row = await self._find_imported()
+        if row is not None and row.health is parse.PoolHealth.SUSPENDED:
+            self._log.info("pool suspended from an earlier pull: clearing", pool=row.name)
+            await self._zfs.clear_pool(row.name)
+            row = await self._find_imported()
+        if row is None:
+            await self._zfs.import_pool(self._import_device, self.disk.pool_guid)
+            row = await self._find_imported()
+        if row is None:
+            raise PoolIdentityMismatch(
+                f"pool GUID {self.disk.pool_guid} is not imported after `zpool import`"
+            )
+        self._imported = True
+        if row.name != self.disk.pool_name:
+            raise PoolIdentityMismatch(
+                f"pool with GUID {self.disk.pool_guid} is named {row.name!r}, "
+                f"configured as {self.disk.pool_name!r}"
+            )
+
+    async def _unlock(self) -> None:
+        self._enter(Phase.UNLOCKING)
+        pool = self.disk.pool_name
+        status = await self._zfs.get_properties([pool], ["keystatus"])
+        if status.get(pool, {}).get("keystatus") == "available":
+            return
+        key = self._pool_key()
+        try:
+            await self._zfs.load_key(pool, key)
+        except parse.KeyIncorrect as error:
+            raise WrongDiskKey(
+                f"the key derived for disk {self.disk.label!r} does not open pool {pool}: "
+                "this disk was set up by another installation or passphrase"
+            ) from error
+        finally:
+            key[:] = bytes(len(key))
+
+    async def _close_pool(self) -> None:
+        pool = self.disk.pool_name
+        row = await self._find_imported()
+        if row is not None and row.health is parse.PoolHealth.SUSPENDED:
+            raise parse.PoolSuspended(("zpool", "list", pool), 1, "pool I/O is suspended")
+        self._enter(Phase.EXPORTING)
+        with contextlib.suppress(parse.KeyNotLoaded):  # already locked: nothing to unload
+            await self._zfs.unload_key(pool)
+        for delay in (*EXPORT_BACKOFF, None):
+            try:
+                await self._zfs.export_pool(pool)
+            except parse.PoolBusy:
+                if delay is None:
+                    raise
+                self._log.warning("pool busy, export retried", pool=pool, retry_in=delay)
+                await asyncio.sleep(delay)
+            else:
+                self._imported = False
+                return
+
+    async def _power_off(self) -> None:
+        self._enter(Phase.POWERING_OFF)
+        try:
+            done = await self._power.power_off(self._power_device)
+        except DiskGone:
+            self._log.info("disk already gone: nothing to power off")
+            return
+        self._log.info("disk powered off", method=str(done.method), written=str(done.written))
+
+    # -- one source --------------------------------------------------------------------------
+
+    async def _back_up_source(self, source: Source) -> None:
+        self._enter(Phase.CONNECTING, f"{source.user}@{source.host}:{source.port}")
+        remote = await self._connect(source)
+        async with remote:
+            roots = [dataset.root for dataset in source.datasets]
+            await self._take_snapshots(remote, source)
+            self._enter(Phase.PLANNING, source.name)
+            rows = parse.parse_datasets((await remote.run(zargv.list_datasets(roots))).text)
+            listing = await remote.run(
+                zargv.list_snapshots_and_bookmarks(roots, recursive=True)
+            )
+            snapshots, bookmarks = parse.parse_versions(listing.text)
+            selected = select_datasets(self.disk, source, rows)
+            await self._ensure_parents(source, selected)
+            for index, info in enumerate(selected):
+                await self._back_up_dataset(
+                    remote, info, snapshots, bookmarks, index=index, total=len(selected)
+                )
+
+    async def _take_snapshots(self, remote: RemoteHost, source: Source) -> None:
+        """One atomic ``zfs snapshot`` per kind (recursive or not) over the ``create`` roots."""
+        when = self._now()
+        for recursive in (True, False):
+            wanted = [
+                names.run_snapshot_name(d.root, when, d.snapshot_prefix)
+                for d in source.datasets
+                if d.snapshots == "create" and d.recursive is recursive
+            ]
+            if wanted:
+                await remote.run(zargv.snapshot(wanted, recursive=recursive))
+                self._log.info("server snapshot taken", snapshots=wanted)
+
+    async def _ensure_parents(
+        self, source: Source, selected: Sequence[SourceDatasetInfo]
+    ) -> None:
+        """Receiving needs the target's parent; placeholders under the pool's key."""
+        have = {info.target for info in selected}
+        needed: set[str] = set()
+        for info in selected:
+            parent = info.target.rpartition("/")[0]
+            if parent not in have:
+                needed.add(parent)
+        for parent in sorted(needed):
+            await self._zfs.create_placeholder(parent)
+
+    # -- one dataset -------------------------------------------------------------------------
+
+    async def _disk_state(self, target: str) -> tuple[DatasetState | None, Encryption | None]:
+        try:
+            state = await self._zfs.dataset_state(target)
+        except parse.DatasetNotFound:
+            return None, None
+        props = await self._zfs.get_properties([target], ["encryptionroot"])
+        root = props.get(target, {}).get("encryptionroot")
+        received_as = Encryption.ENCRYPTED if root == target else Encryption.PLAIN
+        return state, received_as
+
+    async def _back_up_dataset(
+        self,
+        remote: RemoteHost,
+        info: SourceDatasetInfo,
+        snapshots: Sequence[Snapshot],
+        bookmarks: Sequence[Bookmark],
+        *,
+        index: int,
+        total: int,
+    ) -> None:
+        dataset_log = self._log.bind(dataset=info.name, target=info.target)
+        server = DatasetState(
+            info.name,
+            tuple(s for s in snapshots if s.dataset == info.name),
+            tuple(b for b in bookmarks if b.dataset == info.name),
+        )
+        cursor_name = names.cursor_bookmark_name(info.name, self.disk.label)
+        cursor = next((b for b in server.bookmarks if b.name == cursor_name), None)
+        sent = 0
+        outcome = "up to date"
+        final: Snapshot | None = None
+        try:
+            for _ in range(MAX_REPLANS):
+                disk, received_as = await self._disk_state(info.target)
+                dataset_plan = planner.plan_dataset(
+                    server=server,
+                    disk=disk,
+                    encryption=info.encryption,
+                    cursor=cursor,
+                    snapshot_filter=snapshot_filter(info.config),
+                    disk_encryption=received_as,
+                )
+                dataset_log.info("planned", plan=dataset_plan.explain())
+                dataset_plan.raise_for_conflict()
+                if dataset_plan.is_up_to_date:
+                    final = dataset_plan.common_base
+                    break
+                for step in dataset_plan.transfers:
+                    sent += await self._transfer(remote, info, step, index=index, total=total)
+                outcome = "sent"
+                final = dataset_plan.final_snapshot
+                if not dataset_plan.replan_after:
+                    break
+            if final is not None:
+                await self._move_cursor(remote, info, final, cursor)
+            self._enter(Phase.PRUNING, info.target)
+            await self._prune(info, final, cursor)
+        except planner.PlanConflictError as error:
+            outcome = f"conflict: {error}"
+            self._tally.problems.append(f"{info.name}: {error}")
+            dataset_log.error("dataset needs attention", conflict=str(error))
+        except (parse.PoolSuspended, WrongDiskKey):
+            raise  # the disk itself is gone or refused: the session ends
+        except ZbackupdError as error:
+            outcome = f"failed: {error}"
+            self._tally.problems.append(f"{info.name}: {error}")
+            dataset_log.error("dataset failed", error=str(error),
+                              error_type=type(error).__name__, transient=error.transient)
+        self._tally.bytes_sent += sent
+        self._tally.results.append(
+            DatasetResult(info.name, outcome, sent, final.short_name if final else None)
+        )
+
+    async def _estimate(
+        self, remote: RemoteHost, step: planner.TransferStep, mode: Encryption
+    ) -> int | None:
+        """``zfs send -nvP``: the size for the ETA; a failed estimate only costs the ETA."""
+        try:
+            result = await remote.run(send_argv(step, mode, estimate=True))
+        except ZbackupdError as error:
+            self._log.warning("size estimate failed", error=str(error))
+            return None
+        try:
+            return parse.parse_send_estimate(result.text + "\n" + result.stderr)
+        except parse.ParseError:
+            return None
+
+    async def _transfer(
+        self,
+        remote: RemoteHost,
+        info: SourceDatasetInfo,
+        step: planner.TransferStep,
+        *,
+        index: int,
+        total: int,
+    ) -> int:
+        if isinstance(step, planner.FullSend) and step.target_exists:
+            raise PermanentError(
+                f"{info.target} exists on the disk without snapshots; a full receive would "
+                "overwrite it: destroy it on the disk to let zbackupd send it afresh"
+            )
+        estimate = await self._estimate(remote, step, info.encryption)
+        hold_target = None if isinstance(step, planner.Resume) else step_target(step)
+        tag = names.hold_tag(self.disk.label)
+        if hold_target is not None:
+            await remote.run(zargv.hold(tag, [hold_target.name]))
+        self._log.info("transfer started", dataset=info.name, step=step.describe(),
+                       estimated_bytes=estimate)
+
+        def on_progress(sample: TransferProgress) -> None:
+            self._enter(
+                Phase.TRANSFERRING,
+                progress=Progress(info.name, sample.bytes_done, sample.estimated_total,
+                                  sample.rate, index, total),
+            )
+
+        self._enter(Phase.TRANSFERRING, progress=Progress(info.name, 0, estimate, 0.0,
+                                                          index, total))
+        try:
+            result = await stream(
+                remote,
+                send_argv(step, info.encryption),
+                self._runner,
+                zargv.receive(info.target),
+                estimated_total=estimate,
+                on_progress=on_progress,
+            )
+        finally:
+            if hold_target is not None:
+                await remote.run(zargv.release(tag, [hold_target.name]), check=False)
+        self._log.info("transfer finished", dataset=info.name, step=step.describe(),
+                       bytes=result.bytes_transferred, seconds=round(result.elapsed, 3))
+        return result.bytes_transferred
+
+    async def _move_cursor(
+        self,
+        remote: RemoteHost,
+        info: SourceDatasetInfo,
+        final: Snapshot,
+        cursor: Bookmark | None,
+    ) -> None:
+        """Point this disk's bookmark at what the disk now holds (a space-free base)."""
+        if cursor is not None and cursor.guid == final.guid:
+            return
+        server_snapshot = f"{info.name}@{final.short_name}"
+        cursor_name = names.cursor_bookmark_name(info.name, self.disk.label)
+        if cursor is not None:
+            await remote.run(zargv.destroy_bookmark(cursor_name))
+        await remote.run(zargv.bookmark(server_snapshot, cursor_name))
+
+    async def _prune(
+        self, info: SourceDatasetInfo, final: Snapshot | None, cursor: Bookmark | None
+    ) -> None:
+        state, _ = await self._disk_state(info.target)
+        if state is None or not state.snapshots:
+            return
+        keep = protections(
+            state.snapshots,
+            common_base=next((s for s in state.snapshots if final and s.guid == final.guid),
+                             None),
+            cursor=cursor,
+        )
+        decision = select_for_destroy(
+            state.snapshots,
+            retention_policy(self.config, self.disk),
+            now=self._now(),
+            protect=keep,
+        )
+        if decision.destroy:
+            doomed = [s.short_name for s in decision.destroy]
+            await self._zfs.destroy_snapshots(info.target, doomed)
+            self._log.info("pruned", dataset=info.target, destroyed=doomed)
+
+
+def send_argv(
+    step: planner.TransferStep, mode: Encryption, *, estimate: bool = False
+) -> tuple[str, ...]:
+    """The server-side ``zfs send`` for one planned step (``-w`` or ``-L -c`` by ``mode``)."""
+    if isinstance(step, planner.Resume):
+        return zargv.send_resume(step.token, estimate=estimate)
+    if isinstance(step, planner.FullSend):
+        return zargv.send_full(step.snapshot.name, mode, estimate=estimate)
+    return zargv.send_incremental(
+        step.from_.name, step.to.name, mode, intermediates=step.intermediates, estimate=estimate
+    )
+
+
+def step_target(step: planner.TransferStep) -> Snapshot | None:
+    """The server snapshot a step sends up to (held on the server while it travels)."""
+    if isinstance(step, planner.FullSend):
+        return step.snapshot
+    if isinstance(step, planner.IncrementalSend):
+        return step.to
+    return None
