@@ -176,6 +176,45 @@ def _recovery_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _init_disk(args: argparse.Namespace) -> int:
+    from zbackupd.initdisk import (
+        check_device,
+        config_snippet,
+        device_facts,
+        init_disk,
+        pyudev_properties,
+    )
+    from zbackupd.keys import KeyStore
+    from zbackupd.zfs import names
+    from zbackupd.zfs.facade import Zfs
+    from zbackupd.zfs.runner import LocalRunner
+
+    config = _load(args)
+    label = names.validate_disk_label(args.label)
+    if config.disk_by_label(label) is not None:
+        from zbackupd.errors import PermanentError
+
+        raise PermanentError(f"disk label {label!r} is already configured in {args.config}")
+    pool_name = args.pool_name or f"zbk-{label}"
+    facts = device_facts(args.device, pyudev_properties)
+    check_device(facts, {disk.serial: disk.label for disk in config.disks})
+    with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
+        master = KeyStore(config.daemon.keys_dir).unlock_blocking(passphrase)
+    with master:
+        key = master.pool_key(label)
+    guid = asyncio.run(
+        init_disk(Zfs(LocalRunner()), facts, label=label, pool_name=pool_name, pool_key=key,
+                  force=args.force)
+    )
+    assert facts.serial is not None  # noqa: S101 -- check_device refused a disk without one
+    print(config_snippet(label, facts.serial, guid, pool_name), end="")
+    print(f"# pool {pool_name} created and exported; add the block above to {args.config},\n"
+          f"# then: zbackupd udev-rule > /etc/udev/rules.d/90-zbackupd.rules && "
+          f"udevadm control --reload; keep `zbackupd recovery-key {label}` on paper.",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def _udev_rule(args: argparse.Namespace) -> int:
     from zbackupd.udevrule import udev_rule
 
@@ -240,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "print a disk's pool key for recovery on another machine")
     recovery.add_argument("label")
     takes_passphrase(recovery)
+
+    init = command("init-disk", _init_disk,
+                   "create the encrypted backup pool on a new disk and print its config block")
+    init.add_argument("--device", required=True, help="the whole disk, as /dev/disk/by-id/…")
+    init.add_argument("--label", required=True, help="the disk's name in the configuration")
+    init.add_argument("--pool-name", default=None, help="pool name (default: zbk-<label>)")
+    init.add_argument("--force", action="store_true",
+                      help="destroy partitions or a pool already on the disk")
+    takes_passphrase(init)
 
     command("udev-rule", _udev_rule, "print the udev rule for the configured disks")
     return parser

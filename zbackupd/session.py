@@ -342,15 +342,23 @@ class Session:
     async def _ensure_parents(
         self, source: Source, selected: Sequence[SourceDatasetInfo]
     ) -> None:
-        """Receiving needs the target's parent; placeholders under the pool's key."""
-        have = {info.target for info in selected}
+        """Receiving needs the target's parent: create missing ancestors, parents first.
+
+        They are empty placeholders (never mounted) encrypted under the pool's key;
+        ancestors that are themselves selected arrive by their own receive instead.
+        """
+        root = self.disk.target_root
+        existing = {row.name for row in await self._zfs.list_datasets([self.disk.pool_name])}
+        arriving = {info.target for info in selected}
         needed: set[str] = set()
         for info in selected:
-            parent = info.target.rpartition("/")[0]
-            if parent not in have:
-                needed.add(parent)
-        for parent in sorted(needed):
-            await self._zfs.create_placeholder(parent)
+            ancestor = info.target.rpartition("/")[0]
+            while ancestor and ancestor not in arriving and len(ancestor) >= len(root):
+                needed.add(ancestor)
+                ancestor = ancestor.rpartition("/")[0]
+        for dataset in sorted(needed - existing, key=lambda name: name.count("/")):
+            await self._zfs.create_placeholder(dataset)
+            self._log.info("placeholder created", dataset=dataset, source=source.name)
 
     # -- one dataset -------------------------------------------------------------------------
 

@@ -773,6 +773,44 @@ def _pool_guid(guid: int) -> str:
     return str(guid)
 
 
+#: How ``zbackupd init-disk`` makes a backup pool: encrypted under the in-memory key
+#: (raw, from stdin), compressed, nothing ever mounted on the backup machine.
+BACKUP_POOL_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("compression", "zstd"),
+    ("xattr", "sa"),
+    ("acltype", "posixacl"),
+    ("atime", "off"),
+    ("encryption", "on"),
+    ("keyformat", "raw"),
+    ("keylocation", "prompt"),
+    ("mountpoint", "none"),
+    ("canmount", "off"),
+)
+
+
+def zpool_create(pool: str, device: str, *, force: bool = False) -> Argv:
+    """``zpool create -o ashift=12 -O … <pool> <by-id disk>``; the key comes on stdin.
+
+    ``force`` (``-f``) only when the admin said ``--force`` to overwrite a disk that
+    holds a pool or partitions.
+    """
+    if not _DEVICE_PATH_RE.fullmatch(device) or "/../" in device or device.endswith("/.."):
+        raise InvalidArgument("device", device, "must be a /dev/disk/by-id/ path")
+    options = [word for name, value in BACKUP_POOL_OPTIONS for word in ("-O", f"{name}={value}")]
+    return (
+        ZPOOL,
+        "create",
+        *(("-f",) if force else ()),
+        "-o",
+        "ashift=12",
+        "-o",
+        "cachefile=none",
+        *options,
+        names.validate_pool_name(pool),
+        device,
+    )
+
+
 def zpool_import(device: str, pool_guid: int, *, temp_name: str | None = None) -> Argv:
     """``zpool import -d <by-id partition> -N -o cachefile=none <guid> [tempname]``.
 

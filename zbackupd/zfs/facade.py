@@ -132,6 +132,12 @@ class Zfs:
         """Import the pool with ``pool_guid`` from a by-id partition, mounting nothing."""
         await self._run(zargv.zpool_import(device, pool_guid, temp_name=temp_name))
 
+    async def create_pool(
+        self, pool: str, device: str, key: bytearray, *, force: bool = False
+    ) -> None:
+        """Create an encrypted backup pool on a whole disk; ``key`` goes on stdin only."""
+        await self._run(zargv.zpool_create(pool, device, force=force), stdin_secret=key)
+
     async def export_pool(self, pool: str) -> None:
         """Export ``pool`` (``PoolSuspended`` when its disk was pulled mid-write)."""
         await self._run(zargv.zpool_export(pool))
