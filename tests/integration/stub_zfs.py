@@ -1,0 +1,106 @@
+"""A stand-in ``zfs`` for the gate's sshd tests: records its argv, answers like zfs would.
+
+``install_stub_zfs(directory)`` writes an executable ``zfs`` whose record file path is
+baked in (the gate runs zfs with a scrubbed environment, so nothing can come through it).
+The stub answers ``list``/``holds`` with canned ``-H -p`` rows for the names it was given,
+``send -nvP`` with a size line, ``send`` with ``SEND_SIZE`` bytes derived from its argv, and
+everything else with silence and exit 0: it models argv handling, not ZFS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SEND_SIZE = 8 * 1024 * 1024
+_CHUNK = 256 * 1024
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def guid_of(name: str) -> int:
+    """A stable fake guid per name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+
+
+def send_payload(argv: Sequence[str]) -> bytes:
+    """The exact bytes the stub sends for ``argv`` (tests compare digests)."""
+    rng = random.Random(" ".join(argv))  # noqa: S311 -- test payload, not a secret
+    return rng.randbytes(SEND_SIZE)
+
+
+def _listing(argv: Sequence[str]) -> str:
+    datasets = [word for word in argv if "/" in word and not word.startswith("-")]
+    if "filesystem,volume" in argv:
+        return "".join(f"{ds}\t{guid_of(ds)}\taes-256-gcm\t{ds}\n" for ds in datasets)
+    rows = []
+    for txg, ds in enumerate(datasets, start=100):
+        snapshot = f"{ds}@zbackupd_20250101T000000Z"
+        rows.append(f"{snapshot}\t{guid_of(snapshot)}\t{txg}\t1735689600\n")
+        if "snapshot" not in argv:
+            bookmark = f"{ds}#zbackupd_disk1"
+            rows.append(f"{bookmark}\t{guid_of(snapshot)}\t{txg}\t1735689600\n")
+    return "".join(rows)
+
+
+def main(record: str, argv: Sequence[str]) -> int:
+    """Behave like ``zfs argv[1:]`` as far as the tests need; record ``argv`` first."""
+    with open(record, "a", encoding="utf-8") as file:
+        file.write(json.dumps({"argv": list(argv), "env": dict(os.environ)}) + "\n")
+    words = list(argv[1:])
+    out = sys.stdout.buffer
+    if words[:1] == ["list"]:
+        out.write(_listing(words).encode())
+    elif words[:1] == ["holds"]:
+        out.write("".join(f"{s}\tzbackupd_disk1\t1735689600\n" for s in words[3:]).encode())
+    elif words[:2] == ["send", "-nvP"]:
+        out.write(f"full\t{words[-1]}\t{SEND_SIZE}\nsize\t{SEND_SIZE}\n".encode())
+    elif words[:1] == ["send"]:
+        payload = send_payload(argv)
+        for start in range(0, len(payload), _CHUNK):
+            out.write(payload[start : start + _CHUNK])
+    out.flush()
+    return 0
+
+
+@dataclass(frozen=True)
+class StubZfs:
+    """An installed stub: where it is and what it recorded."""
+
+    path: Path
+    record: Path
+
+    def calls(self) -> list[tuple[str, ...]]:
+        """Every argv the stub was run with, in order."""
+        return [tuple(entry["argv"]) for entry in self._entries()]
+
+    def environments(self) -> list[dict[str, str]]:
+        """The environment of each run."""
+        return [entry["env"] for entry in self._entries()]
+
+    def _entries(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+
+def install_stub_zfs(directory: Path) -> StubZfs:
+    """Write an executable ``directory/zfs`` running ``main`` with this interpreter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    record = directory / "zfs-calls.jsonl"
+    path = directory / "zfs"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(_REPO)!r})\n"
+        "from tests.integration.stub_zfs import main\n"
+        f"sys.exit(main({str(record)!r}, sys.argv))\n"
+    )
+    path.chmod(0o755)
+    return StubZfs(path, record)

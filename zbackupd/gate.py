@@ -1,0 +1,363 @@
+"""``zbackupd-gate``: the SSH forced command on the backup server.
+
+sshd runs it instead of whatever the client asked for, with the client's command line in
+``SSH_ORIGINAL_COMMAND``. The gate splits that line with ``shlex.split`` (no shell ever
+sees it), accepts it only if it fits the one remote grammar in
+``zbackupd.zfs.argv.REMOTE_SHAPES`` within the configured dataset roots, and then
+``exec``s zfs with exactly that argv. Everything else is refused: a one-line reason on
+stderr, a line in syslog/journal, a non-zero exit.
+
+Standard library only: it runs on a server that may have nothing but ``python3``. It
+imports ``zbackupd.errors``, ``zbackupd.zfs.names`` and ``zbackupd.zfs.argv`` (and
+``zbackupd.model``, which argv uses), never the daemon's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+import syslog
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from zbackupd.errors import PermanentError
+from zbackupd.zfs import names
+from zbackupd.zfs.argv import (
+    InvalidArgument,
+    Refusal,
+    RemoteCommand,
+    RemoteKind,
+    decode_resume_token,
+    match_remote_argv,
+)
+
+#: Where the forced command reads its configuration unless ``--config`` says otherwise.
+DEFAULT_CONFIG_PATH = "/etc/zbackupd/gate.toml"
+#: The only PATH zfs is looked up in and runs with: never the client's or the login's.
+SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: Exit status of a refused command (the shell's "found but cannot execute").
+EXIT_REFUSED = 126
+#: Exit status when zfs itself cannot be started (the shell's "not found").
+EXIT_NO_ZFS = 127
+#: Exit status when the gate's own configuration is unusable (sysexits EX_CONFIG).
+EXIT_BAD_CONFIG = 78
+#: How much of a refused command line goes into a log line.
+LOG_COMMAND_LIMIT = 300
+SYSLOG_IDENT = "zbackupd-gate"
+
+_BARE_PROGRAM_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+_ABSOLUTE_PATH_RE = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
+
+
+class GateConfigError(PermanentError):
+    """The gate's configuration file is missing, unreadable or invalid.
+
+    ``path`` is the file, ``problems`` every ``(key, reason)`` found (key ``""`` for
+    the file as a whole). The gate refuses every command until it is fixed.
+    """
+
+    def __init__(self, path: str, problems: Sequence[tuple[str, str]]) -> None:
+        self.path = path
+        self.problems: tuple[tuple[str, str], ...] = tuple(problems)
+        listed = "; ".join(f"{key}: {reason}" if key else reason for key, reason in self.problems)
+        super().__init__(f"invalid gate configuration {path}: {listed}")
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    """What the gate allows: datasets under ``roots``, and which kinds of writes.
+
+    ``allow_snapshot``: ``zfs snapshot`` of zbackupd's own run snapshots.
+    ``allow_destroy``: ``zfs destroy`` of zbackupd's own snapshots and cursor bookmarks
+    (moving a cursor destroys the old bookmark).
+    ``require_raw``: refuse every send that is not raw (``-w``, or a resume token of a
+    raw send): only for servers whose datasets are all encrypted.
+    """
+
+    roots: tuple[str, ...]
+    allow_snapshot: bool = True
+    allow_destroy: bool = True
+    require_raw: bool = False
+    prefix: str = names.DEFAULT_PREFIX
+    #: An absolute path, or a bare name looked up in ``SAFE_PATH`` only.
+    zfs: str = "zfs"
+
+
+_DEFAULTS = GateConfig(roots=())
+_BOOLEAN_KEYS = ("allow_snapshot", "allow_destroy", "require_raw")
+_KNOWN_KEYS = frozenset({"roots", "prefix", "zfs", *_BOOLEAN_KEYS})
+
+
+def parse_config(text: str, path: str) -> GateConfig:
+    """Parse and strictly validate a gate TOML document; every problem in one error."""
+    try:
+        raw = tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as error:
+        raise GateConfigError(path, [("", f"not valid TOML: {error}")]) from None
+    problems: list[tuple[str, str]] = [
+        (key, "unknown key (known: " + ", ".join(sorted(_KNOWN_KEYS)) + ")")
+        for key in raw
+        if key not in _KNOWN_KEYS
+    ]
+    roots = _parse_roots(raw.get("roots"), problems)
+    flags = {key: _parse_bool(raw, key, problems) for key in _BOOLEAN_KEYS}
+    prefix = _parse_prefix(raw.get("prefix", _DEFAULTS.prefix), problems)
+    zfs = _parse_zfs(raw.get("zfs", _DEFAULTS.zfs), problems)
+    if problems:
+        raise GateConfigError(path, problems)
+    return GateConfig(
+        roots=roots,
+        allow_snapshot=flags["allow_snapshot"],
+        allow_destroy=flags["allow_destroy"],
+        require_raw=flags["require_raw"],
+        prefix=prefix,
+        zfs=zfs,
+    )
+
+
+def load_config(path: str) -> GateConfig:
+    """Read and validate the configuration file at ``path``."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise GateConfigError(path, [("", error.strerror or type(error).__name__)]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GateConfigError(path, [("", "not UTF-8")]) from None
+    return parse_config(text, path)
+
+
+def _parse_roots(value: object, problems: list[tuple[str, str]]) -> tuple[str, ...]:
+    if value is None:
+        problems.append(("roots", "required: the dataset roots the client may read and send"))
+        return ()
+    if not isinstance(value, list) or not value:
+        problems.append(("roots", "must be a non-empty list of dataset names"))
+        return ()
+    roots: list[str] = []
+    for index, root in enumerate(value):
+        if not isinstance(root, str):
+            problems.append((f"roots[{index}]", f"must be a string, not {type(root).__name__}"))
+            continue
+        try:
+            roots.append(names.validate_dataset_name(root))
+        except names.InvalidName as error:
+            problems.append((f"roots[{index}]", str(error)))
+    return tuple(dict.fromkeys(roots))
+
+
+def _parse_bool(raw: Mapping[str, object], key: str, problems: list[tuple[str, str]]) -> bool:
+    default: bool = getattr(_DEFAULTS, key)
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        problems.append((key, f"must be true or false, not {value!r}"))
+        return default
+    return value
+
+
+def _parse_prefix(value: object, problems: list[tuple[str, str]]) -> str:
+    if not isinstance(value, str):
+        problems.append(("prefix", f"must be a string, not {type(value).__name__}"))
+        return _DEFAULTS.prefix
+    try:
+        return names.validate_prefix(value)
+    except names.InvalidName as error:
+        problems.append(("prefix", str(error)))
+        return _DEFAULTS.prefix
+
+
+def _parse_zfs(value: object, problems: list[tuple[str, str]]) -> str:
+    if not isinstance(value, str):
+        problems.append(("zfs", f"must be a string, not {type(value).__name__}"))
+        return _DEFAULTS.zfs
+    is_absolute = bool(_ABSOLUTE_PATH_RE.fullmatch(value)) and "/../" not in value + "/"
+    if not (is_absolute or _BARE_PROGRAM_RE.fullmatch(value)) or value in (".", ".."):
+        reason = f"{value!r} must be an absolute path or a bare program name (from {SAFE_PATH})"
+        problems.append(("zfs", reason))
+        return _DEFAULTS.zfs
+    return value
+
+
+# -- the decision (pure) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The command may run: exactly ``command.argv``, with zfs from the configuration."""
+
+    command: RemoteCommand
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The command must not run. ``reason`` goes to the client's stderr and the log."""
+
+    reason: str
+    argv: tuple[str, ...] | None = None
+
+
+Decision = Accepted | Refused
+
+
+def decide(original_command: str | None, config: GateConfig) -> Decision:
+    """Accept ``original_command`` only if it is one of zbackupd's own zfs commands."""
+    argv = split_command(original_command)
+    if isinstance(argv, Refused):
+        return argv
+    outcome = match_remote_argv(argv, config.roots, prefix=config.prefix)
+    if isinstance(outcome, Refusal):
+        return Refused(outcome.reason, argv)
+    not_permitted = _policy_refusal(outcome, config)
+    if not_permitted:
+        return Refused(not_permitted, argv)
+    return Accepted(outcome)
+
+
+def split_command(original_command: str | None) -> tuple[str, ...] | Refused:
+    """The client's command line as argv, split like a POSIX shell would but never run by one."""
+    if original_command is None:
+        return Refused("no command given: interactive logins are not allowed")
+    try:
+        argv = tuple(shlex.split(original_command))
+    except ValueError as error:
+        return Refused(f"cannot split the command line: {error}")
+    return argv if argv else Refused("empty command")
+
+
+def _policy_refusal(command: RemoteCommand, config: GateConfig) -> str:
+    """Why the configuration forbids an otherwise well-formed command; empty if it does not."""
+    if command.kind is RemoteKind.SNAPSHOT and not config.allow_snapshot:
+        return "creating snapshots is not allowed (allow_snapshot = false)"
+    if command.kind is RemoteKind.DESTROY and not config.allow_destroy:
+        return "destroying is not allowed (allow_destroy = false)"
+    if config.require_raw and command.kind in (RemoteKind.SEND, RemoteKind.ESTIMATE):
+        why_not_raw = _why_not_raw(command)
+        if why_not_raw:
+            return f"{why_not_raw} (require_raw = true)"
+    return ""
+
+
+def _why_not_raw(command: RemoteCommand) -> str:
+    """Empty when the send is raw; otherwise why it is not."""
+    argv = command.argv
+    if "-t" in argv:
+        try:
+            raw = decode_resume_token(argv[argv.index("-t") + 1]).raw
+        except (InvalidArgument, names.InvalidName, IndexError) as error:
+            return f"unreadable resume token: {error}"
+        return "" if raw else "the resume token continues a non-raw send"
+    return "" if "-w" in argv else "only raw sends (-w) are allowed"
+
+
+def exec_environment() -> dict[str, str]:
+    """zfs runs with a fixed PATH and the C locale (the daemon parses its English errors);
+    nothing of the SSH session, the client or the login leaks into it."""
+    return {"PATH": SAFE_PATH, "LC_ALL": "C"}
+
+
+def printable(text: str, limit: int = LOG_COMMAND_LIMIT) -> str:
+    """One line, control characters escaped, at most ``limit`` characters (plus a marker)."""
+    escaped = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return escaped if len(escaped) <= limit else escaped[:limit] + "...(truncated)"
+
+
+# -- the shell ------------------------------------------------------------------------
+
+
+Logger = Callable[[int, str], None]
+Exec = Callable[[str, Sequence[str], Mapping[str, str]], NoReturn]
+
+
+def syslog_logger() -> Logger:
+    """Log to syslog (the journal picks it up) as ``zbackupd-gate`` in the auth facility."""
+    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_AUTH)
+
+    def log(priority: int, message: str) -> None:
+        syslog.syslog(priority, message)
+
+    return log
+
+
+def _exec_zfs(program: str, argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    os.execvpe(program, list(argv), dict(env))  # noqa: S606 -- argv only, no shell, fixed PATH
+
+
+def config_path(args: Sequence[str]) -> str:
+    """The ``--config`` path from the forced command's own arguments (the admin's, not the
+    client's); anything else there is a configuration error."""
+    parser = argparse.ArgumentParser(prog=SYSLOG_IDENT, add_help=False, exit_on_error=False)
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    try:
+        options, unknown = parser.parse_known_args(list(args))
+    except argparse.ArgumentError as error:
+        raise GateConfigError("(command line)", [("", str(error))]) from None
+    if unknown:
+        raise GateConfigError("(command line)", [("", f"unknown arguments {unknown!r}")])
+    return str(options.config)
+
+
+def run(
+    args: Sequence[str],
+    environ: Mapping[str, str],
+    *,
+    log: Logger,
+    stderr: Callable[[str], object],
+    exec_zfs: Exec = _exec_zfs,
+) -> int:
+    """The whole gate with its effects injected; returns the exit status of a refusal.
+
+    On acceptance it does not return: ``exec_zfs`` replaces the process with zfs.
+    """
+    client = printable(environ.get("SSH_CONNECTION", "").split(" ", 1)[0] or "local", 64)
+    original = environ.get("SSH_ORIGINAL_COMMAND")
+    shown = "(none)" if original is None else printable(repr(original))
+    try:
+        config = load_config(config_path(args))
+    except GateConfigError as error:
+        log(
+            syslog.LOG_ERR, f"refused from {client}: {printable(str(error), 1000)}; command={shown}"
+        )
+        stderr(f"{SYSLOG_IDENT}: refused: the gate is misconfigured on the server\n")
+        return EXIT_BAD_CONFIG
+    decision = decide(original, config)
+    if isinstance(decision, Refused):
+        log(
+            syslog.LOG_WARNING,
+            f"refused from {client}: {printable(decision.reason)}; command={shown}",
+        )
+        stderr(f"{SYSLOG_IDENT}: refused: {printable(decision.reason)}\n")
+        return EXIT_REFUSED
+    command = decision.command
+    log(
+        syslog.LOG_INFO,
+        f"accepted from {client}: {command.kind.value} ({command.shape}) "
+        f"datasets={printable(','.join(command.datasets))} command={shown}",
+    )
+    try:
+        exec_zfs(config.zfs, command.argv, exec_environment())
+    except OSError as error:
+        reason = f"cannot run {config.zfs}: {error.strerror or type(error).__name__}"
+        log(syslog.LOG_ERR, printable(f"failed for {client}: {reason}"))
+        stderr(f"{SYSLOG_IDENT}: {reason}\n")
+        return EXIT_NO_ZFS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``zbackupd-gate [--config PATH]``."""
+    return run(
+        sys.argv[1:] if argv is None else argv,
+        os.environ,
+        log=syslog_logger(),
+        stderr=sys.stderr.write,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
