@@ -1,0 +1,1 @@
+"""The real-ZFS QEMU VM harness: image builder, controller, fixtures, smoke tests."""

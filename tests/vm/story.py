@@ -1,0 +1,194 @@
+"""The admin's steps, as the VM tests and the demo perform them in the guest.
+
+First setup (design.md §2, story 1): config, keysetup, keygen (its authorized_keys line
+goes to the server with the gate as forced command), init-disk, the systemd unit, then
+``systemctl start zbackupd``. Everything runs the installed ``zbackupd`` commands; the
+passphrase reaches them on stdin, never argv or the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.vm.controller import UsbDisk, Vm
+from tests.vm.topology import GUEST_VENV, SERVER_DIR, BackupServer
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+PASSPHRASE = b"correct horse battery staple\n"
+CONFIG_PATH = "/etc/zbackupd/zbackupd.toml"
+GATE_CONFIG = f"{SERVER_DIR}/gate.toml"
+STATE_FILE = "/var/lib/zbackupd/state.json"
+SOURCE_NAME = "server"
+#: The roots the test config backs up: an encrypted tree and an unencrypted dataset.
+ROOTS = ("tank/secure", "tank/plain")
+
+
+@dataclass(frozen=True, slots=True)
+class BackupDisk:
+    """A USB disk that ``zbackupd init-disk`` prepared and the config names."""
+
+    usb: UsbDisk
+    label: str
+    pool_name: str
+    pool_guid: int
+
+    @property
+    def partition(self) -> str:
+        return f"{self.usb.by_id}-part1"
+
+
+def _config(server: BackupServer, vm: Vm) -> str:
+    host_key = vm.run(f"cut -d' ' -f1,2 {SERVER_DIR}/ssh_host_ed25519_key.pub").stdout.strip()
+    datasets = "".join(f'\n[[sources.datasets]]\nroot = "{root}"\n' for root in ROOTS)
+    return (
+        f'[[sources]]\nname = "{SOURCE_NAME}"\nhost = "{server.address}"\nuser = "root"\n'
+        f'host_key = "{host_key}"\n{datasets}\n'
+        "[retention]\nkeep_last = 2\ndaily = 0\nweekly = 0\nmonthly = 0\nyearly = 0\n"
+    )
+
+
+def _gate_config() -> str:
+    roots = ", ".join(f'"{root}"' for root in ROOTS)
+    return (
+        f"roots = [{roots}]\nallow_snapshot = true\nallow_destroy = true\n"
+        'prefix = "zbackupd"\nzfs = "/usr/sbin/zfs"\n'
+    )
+
+
+def install_service(vm: Vm) -> None:
+    """The unit from this checkout, pointed at the guest's install of the package."""
+    unit = (CHECKOUT / "systemd" / "zbackupd.service").read_text()
+    unit = unit.replace("/usr/bin/zbackupd", "/usr/local/bin/zbackupd")
+    vm.run("install -D -m 0644 /dev/stdin /etc/systemd/system/zbackupd.service",
+           stdin=unit.encode())
+    vm.run("systemctl daemon-reload")
+
+
+def first_setup(vm: Vm, server: BackupServer) -> str:
+    """Config, key store, SSH identity authorised on the server through the gate.
+
+    Returns the ``authorized_keys`` line keygen printed.
+    """
+    vm.run("systemctl stop zbackupd 2>/dev/null || true; rm -rf /var/lib/zbackupd /etc/zbackupd")
+    vm.run(f"install -D -m 0644 /dev/stdin {CONFIG_PATH}", stdin=_config(server, vm).encode())
+    vm.run(f"install -D -m 0644 /dev/stdin {GATE_CONFIG}", stdin=_gate_config().encode())
+    vm.run("zbackupd keysetup --kdf-seconds 0.3 --passphrase-stdin", stdin=PASSPHRASE,
+           timeout=300)
+    gate = f"{GUEST_VENV}/bin/zbackupd-gate --config {GATE_CONFIG}"
+    line = vm.run(
+        f"zbackupd keygen --passphrase-stdin --gate-command {shlex.quote(gate)}",
+        stdin=PASSPHRASE, timeout=300,
+    ).stdout.strip()
+    vm.run(
+        f"grep -v 'zbackupd-gate' {SERVER_DIR}/authorized_keys > {SERVER_DIR}/ak.new || true; "
+        f"cat {SERVER_DIR}/ak.new - > {SERVER_DIR}/authorized_keys",
+        stdin=(line + "\n").encode(),
+    )
+    install_service(vm)
+    return line
+
+
+def init_disk(vm: Vm, usb: UsbDisk, label: str) -> BackupDisk:
+    """``zbackupd init-disk``, then its printed block appended to the config."""
+    snippet = vm.run(
+        f"zbackupd init-disk --device {usb.by_id} --label {label} --passphrase-stdin",
+        stdin=PASSPHRASE, timeout=300,
+    ).stdout
+    vm.run(f"cat >> {CONFIG_PATH}", stdin=("\n" + snippet).encode())
+    fields = dict(
+        line.split(" = ", 1) for line in snippet.splitlines() if " = " in line
+    )
+    vm.run("udevadm settle")
+    return BackupDisk(
+        usb, label, json.loads(fields["pool_name"]), int(json.loads(fields["pool_guid"]))
+    )
+
+
+def start_daemon(vm: Vm) -> None:
+    vm.run("systemctl reset-failed zbackupd 2>/dev/null || true; systemctl restart zbackupd",
+           timeout=120)
+
+
+def unlock(vm: Vm) -> str:
+    return vm.run("zbackupd unlock --passphrase-stdin", stdin=PASSPHRASE, timeout=300).stdout
+
+
+def status(vm: Vm) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(vm.run("zbackupd status --json").stdout)
+    return result
+
+
+def systemd_status_line(vm: Vm) -> str:
+    """What ``systemctl status`` shows as ``Status:`` (the daemon's STATUS=)."""
+    return vm.run("systemctl show -P StatusText zbackupd").stdout.strip()
+
+
+def disk_phase(vm: Vm, label: str) -> str | None:
+    for disk in status(vm)["disks"]:
+        if disk["label"] == label:
+            return str(disk["phase"])
+    return None
+
+
+def wait_for(vm: Vm, what: str, predicate: Any, timeout: float = 600.0) -> None:
+    """Poll ``predicate()`` until true; fail with the daemon's status and journal if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(2)
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}\n"
+        f"status: {systemd_status_line(vm)}\n"
+        + vm.run("journalctl -u zbackupd --no-pager -n 80", check=False).stdout
+    )
+
+
+def disk_present(vm: Vm, usb: UsbDisk) -> bool:
+    return vm.run(f"test -e {usb.by_id}", check=False).returncode == 0
+
+
+def last_run(vm: Vm, label: str) -> dict[str, Any]:
+    state = json.loads(vm.run(f"cat {STATE_FILE}").stdout)
+    run: dict[str, Any] = state["runs"][label][-1]
+    return run
+
+
+def server_newest_guids(vm: Vm, server: BackupServer) -> dict[str, int]:
+    """Newest snapshot GUID of every dataset under the roots, on the server."""
+    listing = vm.run(server.ssh(
+        "zfs list -H -p -t snapshot -o name,guid -s createtxg -r " + " ".join(ROOTS)
+    )).stdout
+    newest: dict[str, int] = {}
+    for line in listing.splitlines():
+        name, guid = line.split("\t")
+        newest[name.partition("@")[0]] = int(guid)
+    return newest
+
+
+def disk_newest_guids(vm: Vm, disk: BackupDisk) -> dict[str, int]:
+    """Newest snapshot GUID per dataset on the disk, keyed by the server's dataset name."""
+    prefix = f"{disk.pool_name}/backup/{SOURCE_NAME}/"
+    listing = vm.run(
+        f"zfs list -H -p -t snapshot -o name,guid -s createtxg -r {disk.pool_name}/backup"
+    ).stdout
+    newest: dict[str, int] = {}
+    for line in listing.splitlines():
+        name, guid = line.split("\t")
+        newest[name.partition("@")[0].removeprefix(prefix)] = int(guid)
+    return newest
+
+
+def import_for_inspection(vm: Vm, disk: BackupDisk) -> None:
+    """With the daemon stopped: import the disk's pool read-only-ish to look at it."""
+    vm.run(f"zpool import -d {disk.partition} -N -o cachefile=none {disk.pool_guid}",
+           timeout=120)
+
+
+def export(vm: Vm, disk: BackupDisk) -> None:
+    vm.run(f"zfs unload-key -a 2>/dev/null || true; zpool export {disk.pool_name}", timeout=120)
