@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ import structlog
 from zbackupd import remote
 from zbackupd.config import Config, Disk, Source
 from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.keys import KeyStore, MasterKey
+from zbackupd.keys import KeyStore, MasterKey, WrongPassphrase
 from zbackupd.notify import Notifier
 from zbackupd.power import DiskPower
 from zbackupd.remote import RemoteHost
@@ -131,7 +132,17 @@ class Daemon:
         async with self._unlock_lock:
             if self._master is not None:
                 raise AlreadyUnlocked
-            master = await self._keystore.unlock(passphrase)
+            try:
+                master = await self._keystore.unlock(passphrase)
+            except WrongPassphrase:
+                when = time.strftime("%H:%M")
+                self._status = replace(
+                    self._status,
+                    notice=f"unlock refused at {when}: wrong passphrase — no disk was touched",
+                )
+                log.warning("unlock refused: wrong passphrase")
+                self._publish()
+                raise
             try:
                 with master.ssh_passphrase() as ssh_passphrase:
                     client_key = await asyncio.to_thread(
@@ -141,7 +152,7 @@ class Daemon:
                 master.wipe()
                 raise
             self._master, self._client_key = master, client_key
-        self._status = replace(self._status, locked=False)
+        self._status = replace(self._status, locked=False, notice="")
         log.info("unlocked")
         self._publish()
         for label, event in list(self._waiting.items()):

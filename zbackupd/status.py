@@ -62,6 +62,7 @@ class DiskStatus:
 class DaemonStatus:
     locked: bool = True
     disks: tuple[DiskStatus, ...] = field(default_factory=tuple)
+    notice: str = ""  # e.g. a refused unlock: shown while it matters (locked)
 
     def with_disk(self, disk: DiskStatus) -> DaemonStatus:
         others = tuple(d for d in self.disks if d.label != disk.label)
@@ -121,6 +122,8 @@ def status_line(status: DaemonStatus) -> str:
         labels = ", ".join(d.label for d in waiting)
         parts.append(f"locked: disk {labels} waits — run `zbackupd unlock`")
     parts.extend(describe_disk(d) for d in problems)
+    if status.locked and status.notice:
+        parts.append(status.notice)
     if not parts:
         state = "locked (run `zbackupd unlock`)" if status.locked else "idle, waiting for a disk"
         finished = [d for d in status.disks if d.last_result is not None]
@@ -135,6 +138,7 @@ def as_dict(status: DaemonStatus) -> dict[str, Any]:
     """``zbackupd status --json``: stable keys, plain values."""
     return {
         "locked": status.locked,
+        "notice": status.notice,
         "summary": status_line(status),
         "disks": [
             {

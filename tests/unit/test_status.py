@@ -81,3 +81,12 @@ def test_human_bytes(count: int, text: str) -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (65, "1m05s"), (3725, "1h02m")])
 def test_human_duration(seconds: int, text: str) -> None:
     assert human_duration(seconds) == text
+
+
+def test_refused_unlock_is_shown_while_locked() -> None:
+    notice = "unlock refused at 10:00: wrong passphrase — no disk was touched"
+    status = DaemonStatus(locked=True, notice=notice).with_disk(disk(Phase.WAITING_FOR_UNLOCK))
+    assert status_line(status) == (
+        "locked: disk offsite-a waits — run `zbackupd unlock`; " + notice
+    )
+    assert "wrong passphrase" not in status_line(DaemonStatus(locked=False, notice=notice))
