@@ -349,3 +349,13 @@ def test_captured_errors_are_classified(
     name: str, argv: tuple[str, ...], error_class: type[CommandError]
 ) -> None:
     assert type(parse.classify_error(argv, 1, captured(name))) is error_class
+
+
+def test_gate_refusal_is_typed_and_permanent() -> None:
+    error = parse.classify_error(
+        ("zfs", "destroy", "-r", "tank"), 126,
+        "zbackupd-gate: refused: zfs destroy -r is never allowed\n",
+    )
+    assert isinstance(error, parse.GateRefused)
+    assert error.transient is False
+    assert error.returncode == 126

@@ -314,10 +314,15 @@ class PermissionDenied(ZfsCommandError):
     """Not allowed (missing root or ``zfs allow`` delegation)."""
 
 
+class GateRefused(ZfsCommandError):
+    """The server's ``zbackupd-gate`` refused the command: the gate config must allow it."""
+
+
 #: (error class, needles): the first class with a needle in the collapsed stderr wins.
 #: Order matters: a suspended pool can surface inside any other message.
 _CLASSIFIERS: tuple[tuple[type[ZfsCommandError], tuple[str, ...]], ...] = (
     (PoolSuspended, ("pool I/O is currently suspended",)),
+    (GateRefused, ("zbackupd-gate: refused:",)),
     (KeyIncorrect, ("Incorrect key provided",)),
     (KeyAlreadyLoaded, ("Key already loaded",)),
     (KeyNotLoaded, ("inherited key must be loaded", "key must be loaded")),
