@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from zbackupd.errors import PermanentError, TransientError, ZbackupdError
+from zbackupd.secret import wipe
 
 MAX_HEADER_BYTES = 4096
 MAX_SECRET_BYTES = 4096
@@ -122,7 +123,7 @@ class ControlServer:
                 try:
                     return {"ok": True, "result": await self._on_unlock(secret)}
                 finally:
-                    secret[:] = bytes(len(secret))
+                    wipe(secret)
             raise ControlError(f"unknown request {op!r}")
         except ZbackupdError as error:
             return {"ok": False, "error": str(error), "transient": error.transient}
@@ -151,7 +152,7 @@ async def _read_secret(reader: asyncio.StreamReader, length: object) -> bytearra
     while filled < length:
         chunk = await reader.read(length - filled)
         if not chunk:
-            secret[:] = bytes(length)
+            wipe(secret)
             raise asyncio.IncompleteReadError(b"", length)
         view[filled : filled + len(chunk)] = chunk
         filled += len(chunk)

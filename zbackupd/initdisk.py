@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zbackupd.errors import PermanentError
+from zbackupd.secret import wipe
 from zbackupd.zfs import names
 from zbackupd.zfs.facade import Zfs
 
@@ -127,12 +128,12 @@ async def init_disk(
     names.validate_disk_label(label)
     findings = check_blank(facts)
     if findings and not force:
-        pool_key[:] = bytes(len(pool_key))
+        wipe(pool_key)
         raise DiskNotBlank(facts.by_id, findings)
     try:
         await zfs.create_pool(pool_name, facts.by_id, pool_key, force=bool(findings))
     finally:
-        pool_key[:] = bytes(len(pool_key))
+        wipe(pool_key)
     try:
         await zfs.create_placeholder(f"{pool_name}/backup")
         guid = int((await zfs.pool_properties(pool_name, ["guid"]))["guid"])

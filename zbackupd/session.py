@@ -31,6 +31,7 @@ from zbackupd.model import Bookmark, DatasetState, Encryption, Snapshot
 from zbackupd.power import DiskGone, PoweredOff
 from zbackupd.remote import RemoteHost
 from zbackupd.retention import RetentionPolicy, protections, select_for_destroy
+from zbackupd.secret import wipe
 from zbackupd.status import DiskStatus, Phase, Progress
 from zbackupd.store import DatasetResult, RunRecord
 from zbackupd.transfer import TransferProgress, stream
@@ -274,7 +275,7 @@ class Session:
                 "this disk was set up by another installation or passphrase"
             ) from error
         finally:
-            key[:] = bytes(len(key))
+            wipe(key)
 
     async def _close_pool(self) -> None:
         pool = self.disk.pool_name

@@ -1,20 +1,19 @@
 """Run history and per-disk facts in the state directory, written atomically.
 
-One JSON file (``state.json``): replaced with write-temp + fsync + rename + fsync(dir),
+One JSON file (``state.json``), replaced by ``secret.write_file_atomically`` (temp file,
+fsync, rename, fsync of the directory),
 so a crash or power cut leaves either the old or the new file, never half of one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zbackupd.errors import PermanentError
+from zbackupd.secret import ensure_private_dir, write_file_atomically
 
 STATE_VERSION = 1
 HISTORY_PER_DISK = 50
@@ -52,28 +51,6 @@ class RunRecord:
         return cls(**{**data, "datasets": datasets})
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, whole."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class StateStore:
     """Keeps the last runs of every disk and when each disk was last seen."""
 
@@ -94,7 +71,10 @@ class StateStore:
         return data
 
     def _save(self, data: dict[str, Any]) -> None:
-        write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
+        ensure_private_dir(self.path.parent)
+        write_file_atomically(
+            self.path, json.dumps(data, indent=1, sort_keys=True).encode(), overwrite=True
+        )
 
     def record_run(self, record: RunRecord) -> None:
         data = self._load()

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from zbackupd.secret import write_file_atomically
 from zbackupd.store import (
     HISTORY_PER_DISK,
     DatasetResult,
     RunRecord,
     StateCorrupt,
     StateStore,
-    write_atomically,
 )
 
 
@@ -53,10 +53,10 @@ def test_file_is_private_and_no_temp_files_remain(tmp_path: Path) -> None:
 
 def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     target = tmp_path / "f"
-    write_atomically(target, b"old")
+    write_file_atomically(target, b"old", overwrite=True)
 
     with pytest.raises(TypeError):  # the write itself fails half-way through the protocol
-        write_atomically(target, "not bytes")  # type: ignore[arg-type]
+        write_file_atomically(target, "not bytes", overwrite=True)  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
