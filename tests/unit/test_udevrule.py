@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from zbackupd.config import load_config
 from zbackupd.udevrule import UnsafeSerial, udev_rule
 
 
@@ -20,3 +23,10 @@ def test_one_line_per_serial_sorted_and_deduplicated() -> None:
 def test_serials_that_could_change_the_rule_are_refused(serial: str) -> None:
     with pytest.raises(UnsafeSerial):
         udev_rule([serial])
+
+
+def test_shipped_example_is_what_the_example_config_generates() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    config = load_config(repo / "docs/examples/full.toml")
+    expected = udev_rule(disk.serial for disk in config.disks)
+    assert (repo / "udev/90-zbackupd.rules.example").read_text() == expected

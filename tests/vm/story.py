@@ -61,12 +61,12 @@ def _gate_config() -> str:
 
 
 def install_service(vm: Vm) -> None:
-    """The unit from this checkout, pointed at the guest's install of the package."""
-    unit = (CHECKOUT / "systemd" / "zbackupd.service").read_text()
-    unit = unit.replace("/usr/bin/zbackupd", "/usr/local/bin/zbackupd")
-    vm.run("install -D -m 0644 /dev/stdin /etc/systemd/system/zbackupd.service",
-           stdin=unit.encode())
-    vm.run("systemctl daemon-reload")
+    """``packaging/install.sh`` from this checkout, offline from the guest's wheelhouse:
+    the venv, the commands on PATH and the systemd unit pointed at them."""
+    for relative in ("packaging/install.sh", "systemd/zbackupd.service"):
+        vm.put_file(CHECKOUT / relative, f"/root/zbackupd-src/{relative}", mode=0o755)
+    vm.run(f"PREFIX={GUEST_VENV} /root/zbackupd-src/packaging/install.sh /root/wheelhouse",
+           timeout=600)
 
 
 def first_setup(vm: Vm, server: BackupServer) -> str:
