@@ -1,6 +1,7 @@
 """Runs INSIDE the guest: search files, /proc/*/cmdline and /proc/*/environ for secrets.
 
-Reads the secrets as hex lines on stdin (so this script's own argv holds none of them),
+Searches the trees named in argv (default ``/``, plus /proc's cmdlines and
+environs). Reads the secrets as hex lines on stdin (so this script's own argv holds none of them),
 prints one line per hit (``where: which``) and a last line ``hits: N``. Standard library
 only; files larger than 256 MiB and pseudo file systems are skipped.
 """
@@ -39,7 +40,8 @@ def main() -> int:
         name, _, value = line.partition("=")
         needles.append((name, bytes.fromhex(value)))
     hits = []
-    for top, dirs, files in os.walk("/", topdown=True):
+    roots = sys.argv[1:] or ["/"]
+    for top, dirs, files in (entry for root in roots for entry in os.walk(root)):
         if top.startswith(SKIP_TREES) and top != "/":
             dirs[:] = []
             continue
@@ -54,7 +56,7 @@ def main() -> int:
             except OSError:
                 continue
             hits.extend(f"{path}: {which}" for which in file_hits(path, needles))
-    for pid in os.listdir("/proc"):
+    for pid in os.listdir("/proc") if roots == ["/"] else ():
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         for part in ("cmdline", "environ"):

@@ -141,3 +141,51 @@ def test_coldplugged_disk_is_backed_up_once(
     runs = state["runs"][disk.label]
     assert len(runs) == 1, runs
     assert runs[0]["ok"], runs
+
+
+def test_service_runs_hardened_and_without_core_dumps(vm: Vm, installed: str) -> None:
+    story.start_daemon(vm)
+    pid = vm.run("systemctl show -P MainPID zbackupd").stdout.strip()
+    assert pid != "0"
+    proc_status = vm.run(f"cat /proc/{pid}/status").stdout
+    assert "NoNewPrivs:\t1" in proc_status
+    limits = vm.run(f"grep 'Max core file size' /proc/{pid}/limits").stdout.split()
+    assert limits[4:6] == ["0", "0"], limits
+    settings = dict(
+        line.split("=", 1)
+        for line in vm.run(
+            "systemctl show -p ProtectSystem,ProtectHome,PrivateTmp,MemorySwapMax,UMask,"
+            "RestrictNamespaces,Type,WatchdogUSec zbackupd"
+        ).stdout.splitlines()
+    )
+    assert settings["ProtectSystem"] == "strict"
+    assert settings["ProtectHome"] == "yes"
+    assert settings["PrivateTmp"] == "yes"
+    assert settings["MemorySwapMax"] == "0"
+    assert settings["UMask"] == "0077"
+    assert settings["Type"] == "notify"
+    assert settings["WatchdogUSec"] == "1min"
+    # The read-only file system is real: the daemon's mount namespace refuses /usr writes.
+    refused = vm.run(f"nsenter -t {pid} -m touch /usr/zbackupd-probe", check=False)
+    assert refused.returncode != 0
+    assert "Read-only file system" in refused.stderr
+
+
+def test_udev_rule_starts_the_daemon_when_a_disk_is_plugged(
+    vm: Vm, installed: str, usb_disk: UsbDiskFactory
+) -> None:
+    usb = usb_disk(serial="ZBUDEV01", size=512 << 20)
+    disk = story.init_disk(vm, usb, "udev-a")
+    vm.unplug_usb_disk(usb)
+    vm.run("zbackupd udev-rule > /etc/udev/rules.d/90-zbackupd.rules && "
+           "udevadm control --reload && systemctl stop zbackupd")
+    assert vm.run("systemctl is-active zbackupd", check=False).stdout.strip() != "active"
+    try:
+        vm.plug_usb_disk(usb.serial, usb.size_bytes, image=usb.image)
+        story.wait_for(vm, "udev to start zbackupd",
+                       lambda: vm.run("systemctl is-active zbackupd", check=False)
+                       .stdout.strip() == "active", 120)
+        story.wait_for(vm, "the started daemon to see the disk",
+                       lambda: story.disk_phase(vm, disk.label) == "waiting for unlock", 120)
+    finally:
+        vm.run("rm -f /etc/udev/rules.d/90-zbackupd.rules && udevadm control --reload")
