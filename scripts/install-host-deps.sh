@@ -5,7 +5,7 @@
 set -eu
 
 PACKAGES="qemu-system-x86 qemu-utils debootstrap openssh-client openssh-server e2fsprogs \
-util-linux ca-certificates debian-archive-keyring"
+util-linux ca-certificates debian-archive-keyring xxd"
 
 missing=""
 for pkg in $PACKAGES; do

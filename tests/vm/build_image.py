@@ -225,6 +225,11 @@ def check_registry(mirrors: Mirrors) -> None:
             raise RegistryUnreachable(url, str(error)) from error
 
 
+def _say(line: str) -> None:
+    """Progress reaches a log file or CI pipe as it happens, not when the buffer fills."""
+    print(line, flush=True)
+
+
 class BuildLog:
     """Detailed output goes to a file; the console gets steps, timings and heartbeats."""
 
@@ -332,7 +337,7 @@ def load_image(directory: Path) -> Image | None:
     return image if all(path.is_file() for path in files) else None
 
 
-def ensure_image(*, say: Callable[[str], None] = print, force: bool = False) -> Image:
+def ensure_image(*, say: Callable[[str], None] = _say, force: bool = False) -> Image:
     """Return the cached image for the current inputs, building it first if needed."""
     root = cache_root()
     wanted = current_input_hash()
@@ -506,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     try:
-        image = ensure_image(force=args.force)
+        image = ensure_image(force=args.force, say=_say)
     except (ImageBuildError, RegistryUnreachable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

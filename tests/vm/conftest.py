@@ -9,7 +9,9 @@ and journal are attached to the test's report.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Callable, Generator, Iterator
+from types import FrameType
 
 import pytest
 
@@ -46,13 +48,25 @@ def vm_image() -> Image:
 @pytest.fixture(scope="session")
 def vm(vm_image: Image) -> Iterator[Vm]:
     """The booted guest, shared by the whole session; stopped however the session ends."""
-    machine = Vm.boot(vm_image)
-    _booted.append(machine)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
-        yield machine
+        machine = Vm.boot(vm_image)
+        _booted.append(machine)
+        try:
+            yield machine
+        finally:
+            _booted.remove(machine)
+            machine.stop()
     finally:
-        _booted.remove(machine)
-        machine.stop()
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """A CI timeout's SIGTERM ends the session like Ctrl-C: finalizers stop the VM."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -36,9 +37,15 @@ KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.show_stat
 NETDEV_ID = "net0"
 USB_BUS = "xhci.0"
 _PR_SET_PDEATHSIG = 1
+WORKDIR_PARENT = Path("/var/tmp")
+WORKDIR_PREFIX = "zbackupd-vm-"
+#: A scratch directory without a live QEMU this old belongs to a run that died.
+STALE_WORKDIR_SECONDS = 120.0
 #: How guest scripts run: strict bash that reads no rc files (Debian's bashrc trips on -u
 #: when sshd starts it, and its output must never pollute captured stderr).
 _GUEST_BASH = "bash --norc --noprofile -euo pipefail -c "
+#: systemd colours its boot status lines; reports are plain text.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class VmError(PermanentError):
@@ -186,6 +193,27 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def remove_stale_workdirs(*, parent: Path = WORKDIR_PARENT, now: float | None = None) -> None:
+    """Remove the scratch directories of VMs whose QEMU is gone (a SIGKILLed run leaves
+    its multi-GiB overlay behind). Live VMs, even other users', are left alone."""
+    moment = time.time() if now is None else now
+    for workdir in parent.glob(f"{WORKDIR_PREFIX}*"):
+        if not workdir.is_dir() or _qemu_alive(workdir / "qemu.pid"):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if moment - workdir.stat().st_mtime > STALE_WORKDIR_SECONDS:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _qemu_alive(pidfile: Path) -> bool:
+    try:
+        pid = int(pidfile.read_text().strip())
+        command = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ValueError):
+        return False
+    return command.startswith("qemu")
+
+
 class Qmp:
     """A minimal synchronous QMP client on QEMU's unix socket."""
 
@@ -271,7 +299,8 @@ class Vm:
     @classmethod
     def boot(cls, image: Image, settings: VmSettings | None = None) -> Vm:
         """Start QEMU and wait until the guest answers over SSH (or raise VmBootError)."""
-        workdir = Path(tempfile.mkdtemp(prefix="zbackupd-vm-", dir="/var/tmp"))
+        remove_stale_workdirs()
+        workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=WORKDIR_PARENT))
         vm = cls(image=image, settings=settings or VmSettings.from_environment(), workdir=workdir)
         atexit.register(vm.stop)
         try:
@@ -517,7 +546,7 @@ class Vm:
             text = self.console_log.read_text(errors="replace")
         except FileNotFoundError:
             return "(no console log)"
-        return text[-max_chars:]
+        return _ANSI_ESCAPE.sub("", text)[-max_chars:]
 
     def journal(self, max_lines: int = 300) -> str:
         """The guest's journal for this boot, or why it could not be read."""

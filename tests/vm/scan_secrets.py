@@ -39,7 +39,7 @@ def main() -> int:
     for line in sys.stdin.read().split():
         name, _, value = line.partition("=")
         needles.append((name, bytes.fromhex(value)))
-    hits = []
+    hits: list[str] = []
     roots = sys.argv[1:] or ["/"]
     for top, dirs, files in (entry for root in roots for entry in os.walk(root)):
         if top.startswith(SKIP_TREES) and top != "/":

@@ -123,13 +123,15 @@ def test_export_then_sysfs_power_off_makes_the_disk_vanish(
         "done\n"
         'test -e "$dev/remove" && echo "$dev"'
     ).stdout.strip()
-    vm.run(f"echo 1 > {usb_device}/remove")
+    vm.run(f"dmesg --clear && echo 1 > {usb_device}/remove")
     vm.run(
         f"for i in $(seq 100); do [ -e {disk.by_id} ] || break; sleep 0.1; done\n"
         f"! test -e {disk.by_id}",
         timeout=60,
     )
-    assert "Synchronizing SCSI cache" in vm.run("dmesg").stdout
+    kernel_log = vm.run("dmesg").stdout
+    assert "Synchronizing SCSI cache" in kernel_log
+    assert "USB disconnect" in kernel_log
     assert "QEMU HARDDISK" not in vm.run("lsblk -ndo MODEL").stdout.replace("_", " ")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,12 @@ from tests.vm.build_image import (
     input_hash,
     parse_apt_sources,
 )
-from tests.vm.controller import VmSettings, qemu_argv
+from tests.vm.controller import (
+    STALE_WORKDIR_SECONDS,
+    VmSettings,
+    qemu_argv,
+    remove_stale_workdirs,
+)
 
 DEB822 = """\
 Types: deb
@@ -112,3 +119,22 @@ def test_qemu_network_is_isolated_and_forwards_ssh_on_loopback_only(tmp_path: Pa
     assert "hostfwd=tcp:127.0.0.1:40022-:22" in netdev
     assert "-pidfile" in argv
     assert f"file={tmp_path / 'o.qcow2'},if=virtio,format=qcow2,cache=unsafe" in argv
+
+
+def test_stale_workdirs_go_and_live_or_fresh_ones_stay(tmp_path: Path) -> None:
+    dead = tmp_path / "zbackupd-vm-dead"
+    live = tmp_path / "zbackupd-vm-live"
+    fresh = tmp_path / "zbackupd-vm-fresh"
+    other = tmp_path / "unrelated"
+    for directory in (dead, live, fresh, other):
+        directory.mkdir()
+    (dead / "qemu.pid").write_text("999999999\n")  # no such process
+    (live / "qemu.pid").write_text(f"{os.getpid()}\n")  # alive, but not QEMU
+    later = time.time() + STALE_WORKDIR_SECONDS + 10
+    os.utime(fresh, (later - 5, later - 5))
+    remove_stale_workdirs(parent=tmp_path, now=later)
+    assert not dead.exists()
+    assert fresh.exists()
+    assert other.exists()
+    # Our own PID is alive but not QEMU: the directory counts as dead too.
+    assert not live.exists()
