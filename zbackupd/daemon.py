@@ -28,7 +28,7 @@ from zbackupd.notify import Notifier
 from zbackupd.power import DiskPower
 from zbackupd.remote import RemoteHost
 from zbackupd.secret import SecretBytes, read_secret
-from zbackupd.session import Session
+from zbackupd.session import Session, revive_pool
 from zbackupd.sshkey import load_identity
 from zbackupd.status import DaemonStatus, DiskStatus, Phase, as_dict, status_line
 from zbackupd.store import StateStore
@@ -41,7 +41,6 @@ from zbackupd.udev import (
     Removed,
     SerialMismatch,
 )
-from zbackupd.zfs import parse
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import Runner
 
@@ -51,6 +50,13 @@ log = structlog.get_logger(__name__)
 CREDENTIAL_NAME = "zbackupd-passphrase"
 #: How long recovery of a suspended pool may wait for the stuck session to end.
 RECOVERY_WAIT_SECONDS = 300.0
+#: How long SIGTERM waits for sessions to abort and export (below the unit's
+#: TimeoutStopSec=180): a session whose disk was pulled may be stuck in the kernel.
+STOP_GRACE_SECONDS = 150.0
+
+
+def replug_message(label: str) -> str:
+    return f"disk pulled mid-transfer: re-plug disk {label} to finish"
 
 
 class Watcher(Protocol):
@@ -97,6 +103,11 @@ class Daemon:
         self._client_key: asyncssh.SSHKey | None = None
         self._status = DaemonStatus(locked=True)
         self._sessions: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, Session] = {}  # the Session behind each task in _sessions
+        self._recoveries: dict[str, asyncio.Task[None]] = {}
+        #: Disks pulled under a session that has not ended: the status says "re-plug"
+        #: whatever the (stuck) session still reports, until the disk is back.
+        self._pulled: set[str] = set()
         self._waiting: dict[str, DiskEvent] = {}
         self._stopping = asyncio.Event()
         self._unlock_lock = asyncio.Lock()
@@ -217,13 +228,19 @@ class Daemon:
             self._on_candidate(disk, match.event)
 
     def _on_candidate(self, disk: Disk, event: DiskEvent) -> None:
+        was_pulled = disk.label in self._pulled
+        self._pulled.discard(disk.label)  # it is back: sessions report for themselves again
         running = self._sessions.get(disk.label)
         current = next((d for d in self._status.disks if d.label == disk.label), None)
         if running is not None and not running.done():
-            if current is not None and current.phase is Phase.SUSPENDED:
-                log.info("suspended disk is back", disk=disk.serial, disk_label=disk.label)
-                task = asyncio.create_task(self._recover(disk, event, running))
-                self._sessions[disk.label] = task
+            pulled = was_pulled or (current is not None and current.phase is Phase.SUSPENDED)
+            recovering = self._recoveries.get(disk.label)
+            if pulled and (recovering is None or recovering.done()):
+                log.info("pulled disk is back", disk=disk.serial, disk_label=disk.label,
+                         device=event.device_node)
+                self._recoveries[disk.label] = asyncio.create_task(
+                    self._recover(disk, event, running)
+                )
             return
         if self._master is None:
             self._waiting[disk.label] = event
@@ -241,12 +258,22 @@ class Daemon:
             if current is not None and current.phase is Phase.WAITING_FOR_UNLOCK:
                 self._update(replace(current, phase=Phase.DONE, message="unplugged"))
             return
-        if current.phase in (Phase.POWERING_OFF, Phase.DONE):
+        session = self._active.get(disk.label)
+        phase = session.status.phase if session is not None else current.phase
+        if phase in (Phase.POWERING_OFF, Phase.DONE):
             return  # our own power-off removed it
-        asyncio.create_task(self._check_suspended(disk))  # noqa: RUF006 -- reports via status
+        # The session cannot finish without its disk, and may be stuck in the kernel
+        # (a receive waiting for the pool's sync): say what to do, whatever it reports.
+        self._pulled.add(disk.label)
+        log.error("disk pulled during a session", disk=disk.serial, disk_label=disk.label,
+                  phase=phase.value)
+        self._update(replace(current, phase=Phase.SUSPENDED,
+                             message=replug_message(disk.label), progress=None))
+        asyncio.create_task(self._log_pool_health(disk))  # noqa: RUF006 -- only logs
 
-    async def _check_suspended(self, disk: Disk) -> None:
-        """The disk vanished under a running session: is its pool suspended?"""
+    async def _log_pool_health(self, disk: Disk) -> None:
+        """For the journal: what ZFS makes of the pull (SUSPENDED, or ONLINE and stuck)."""
+        await asyncio.sleep(10)  # the failed writes take a sync interval to show
         try:
             async with asyncio.timeout(30):
                 rows = await self._zfs.list_pools()
@@ -254,29 +281,43 @@ class Daemon:
             log.warning("pool state unknown after removal", disk=disk.serial, error=str(error))
             return
         for row in rows:
-            if row.guid == disk.pool_guid and row.health is parse.PoolHealth.SUSPENDED:
-                message = f"disk pulled mid-write: re-plug disk {disk.label} to finish"
-                log.error("pool suspended", disk=disk.serial, disk_label=disk.label,
-                          pool=row.name)
-                current = next(d for d in self._status.disks if d.label == disk.label)
-                self._update(replace(current, phase=Phase.SUSPENDED, message=message,
-                                     progress=None))
+            if row.guid == disk.pool_guid:
+                log.warning("pool of pulled disk", disk=disk.serial, disk_label=disk.label,
+                            pool=row.name, health=row.health.value)
 
     async def _recover(self, disk: Disk, event: DiskEvent, stuck: asyncio.Task[None]) -> None:
-        """The pulled disk is back: ``zpool clear`` lets the stuck I/O finish, then go on."""
-        try:
-            await self._zfs.clear_pool(disk.pool_name)
-        except ZbackupdError as error:
-            log.error("zpool clear failed", disk=disk.serial, error=str(error))
+        """The pulled disk is back: revive the pool so the stuck session goes on.
+
+        The session learns the new device nodes (its power-off must reach the disk as it
+        is now). If it still ends without finishing (it had given up while the disk was
+        away), a new session continues from the pool as it is (resume tokens included).
+        """
+        session = self._active.get(disk.label)
+        if session is not None:
+            session.replugged(import_device=event.import_path or "",
+                              power_device=event.device_node or event.import_path or "")
+            self._update(replace(session.status, message="disk is back: resuming"))
+        problems = await revive_pool(self._runner, disk.pool_name)
+        log.info("pool revived after re-plug", disk=disk.serial, disk_label=disk.label,
+                 problems=problems or None)
         try:
             async with asyncio.timeout(RECOVERY_WAIT_SECONDS):
                 await asyncio.shield(stuck)
         except TimeoutError:
-            log.error("earlier session still stuck after clear", disk=disk.serial)
+            log.error("earlier session still stuck after re-plug", disk=disk.serial)
+            current = next(d for d in self._status.disks if d.label == disk.label)
+            self._update(replace(current, phase=Phase.SUSPENDED,
+                                 message=f"still stuck after re-plug of disk {disk.label}: "
+                                 "restart the machine"))
             return
         except asyncio.CancelledError:
             if not stuck.done():
                 raise
+        if session is not None and session.status.phase is Phase.DONE:
+            return
+        if self._stopping.is_set():
+            return
+        log.info("continuing in a new session", disk=disk.serial, disk_label=disk.label)
         self._run_session_now(disk, event)
 
     # -- sessions ------------------------------------------------------------------------
@@ -297,10 +338,18 @@ class Daemon:
             runner=self._runner,
             connect=self._connect,
             power=self._power,
-            report=self._update,
+            report=self._session_report,
             pool_key=self._pool_key(disk),
         )
+        self._active[disk.label] = session
         self._sessions[disk.label] = asyncio.create_task(self._run_session(disk, session))
+
+    def _session_report(self, disk: DiskStatus) -> None:
+        """A session's phase, unless its disk was pulled: then "re-plug" is what matters."""
+        if disk.label in self._pulled and disk.phase is not Phase.DONE:
+            disk = replace(disk, phase=Phase.SUSPENDED, message=replug_message(disk.label),
+                           progress=None)
+        self._update(disk)
 
     async def _run_session(self, disk: Disk, session: Session) -> None:
         self._watcher.begin_session(disk.identity)
@@ -310,7 +359,7 @@ class Daemon:
             ):
                 record = await session.run()
             self._store.record_run(record)
-            self._update(session.status)
+            self._session_report(session.status)
             log.info("run finished", disk=disk.serial, run_id=session.run_id, ok=record.ok,
                      summary=record.summary, bytes_sent=record.bytes_sent)
         finally:
@@ -346,9 +395,14 @@ class Daemon:
             self._notifier.stopping("stopping: aborting transfers and exporting pools")
             log.info("stopping")
             self._watcher.stop()
-            for task in self._sessions.values():
+            tasks = [*self._sessions.values(), *self._recoveries.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._sessions.values(), return_exceptions=True)
+            if tasks:
+                _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+                if stuck:
+                    log.error("sessions still stuck at stop (a pulled disk?)",
+                              disks=sorted(self._pulled), stuck=len(stuck))
         finally:
             await control.close()
             if watchdog is not None:

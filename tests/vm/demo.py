@@ -1,8 +1,9 @@
-"""The demo: build/boot the real-ZFS VM and walk through the plumbing story step by step.
+"""The demo: build/boot the real-ZFS VM and walk through the user story step by step.
 
-Run as ``python -m tests.vm.demo`` (``make demo``). The daemon's own story (plug the disk
-in and walk away) is added here once the daemon exists; for now this shows the pieces it
-stands on, each with the command that ran and what the guest answered.
+Run as ``python -m tests.vm.demo`` (``make demo``). First the plumbing the daemon stands
+on (real OpenZFS, USB hotplug with a chosen serial, raw send over SSH, sysfs power-off),
+then the product itself: the daemon under systemd backs up a plugged-in disk by itself,
+exports it and powers it off; ``systemctl status`` and the journal tell what happened.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import os
 import sys
 import time
 
+from tests.vm import story as admin
 from tests.vm.build_image import ensure_image
 from tests.vm.controller import Vm, running_vm
-from tests.vm.topology import install_zbackupd, setup_server
+from tests.vm.topology import BackupServer, install_zbackupd, setup_server
 
 SERIAL = "DEMO0001"
 POOL = "offsite"
@@ -36,8 +38,8 @@ class Story:
             print(f"      {line}", flush=True)
 
 
-def tell(story: Story, vm: Vm) -> None:
-    """The smoke story on a booted VM."""
+def tell(story: Story, vm: Vm) -> BackupServer:
+    """The plumbing story on a booted VM; returns the backup server it set up."""
     story.step("the guest runs real OpenZFS")
     story.show(vm.run("uname -r; zfs version").stdout)
 
@@ -89,6 +91,45 @@ def tell(story: Story, vm: Vm) -> None:
     vm.unplug_usb_disk(disk, wait_guest=False)
     vm.plug_usb_disk(SERIAL, disk.size_bytes, image=disk.image)
     story.show(vm.run("zpool import -d /dev/disk/by-id").stdout)
+    vm.unplug_usb_disk(disk)
+    return server
+
+
+def tell_daemon_story(story: Story, vm: Vm, server: BackupServer) -> None:
+    """The product's story: plug the disk in, walk away, find it backed up and powered off."""
+    story.step("first setup: config, `zbackupd keysetup`, `zbackupd keygen` (key authorised "
+               "on the server with zbackupd-gate as forced command), the systemd unit")
+    line = admin.first_setup(vm, server)
+    story.show(line[:120] + " …")
+    story.step(f"`zbackupd init-disk` on a new USB disk with serial {SERIAL}D")
+    usb = vm.plug_usb_disk(SERIAL + "D", 1 << 30)
+    disk = admin.init_disk(vm, usb, "offsite-demo")
+    story.show(vm.run(f"tail -5 {admin.CONFIG_PATH}").stdout)
+    vm.unplug_usb_disk(usb)
+    story.step("systemctl start zbackupd: running, locked until `zbackupd unlock`")
+    admin.start_daemon(vm)
+    story.show(vm.run("systemctl status zbackupd --no-pager | head -6", check=False).stdout)
+    story.step("plug the disk in: the daemon sees it, and waits for the passphrase")
+    vm.plug_usb_disk(usb.serial, usb.size_bytes, image=usb.image)
+    admin.wait_for(vm, "the disk to wait",
+                   lambda: admin.disk_phase(vm, disk.label) == "waiting for unlock", 120)
+    story.show("Status: " + admin.systemd_status_line(vm))
+    story.step("`zbackupd unlock` (passphrase on stdin) — then walk away")
+    admin.unlock(vm)
+    admin.wait_for(vm, "the backup and the power-off",
+                   lambda: not admin.disk_present(vm, usb)
+                   and admin.disk_phase(vm, disk.label) in ("done", "failed", "refused"))
+    story.step("come back: systemctl status zbackupd")
+    story.show(vm.run("systemctl status zbackupd --no-pager | head -8", check=False).stdout)
+    story.step(f"journalctl -u zbackupd DISK={usb.serial}")
+    story.show(vm.run(f"journalctl -u zbackupd --no-pager -o short DISK={usb.serial} "
+                      "| tail -25").stdout)
+    story.step("the disk is powered off: gone from the guest")
+    story.show(vm.run("lsblk -o NAME,SIZE,MODEL,SERIAL").stdout)
+    story.show(vm.run("dmesg | grep -E 'Synchronizing SCSI cache|USB disconnect' | tail -2")
+               .stdout)  # fmt: skip
+    run = admin.last_run(vm, disk.label)
+    story.show(f"last run: ok={run['ok']}, {run['bytes_sent']} bytes, {run['summary']}")
 
 
 def main() -> int:
@@ -99,7 +140,8 @@ def main() -> int:
     story.step("boot it under QEMU (TCG) and wait for SSH")
     with running_vm(image) as vm:
         story.show(f"booted in {vm.boot_seconds:.0f}s, ssh on 127.0.0.1:{vm.ssh_port}")
-        tell(story, vm)
+        server = tell(story, vm)
+        tell_daemon_story(story, vm, server)
         story.step("shut the VM down")
     print(f"\ndemo finished in {time.monotonic() - story.started:.0f}s", flush=True)
     return 0

@@ -18,6 +18,11 @@ from zbackupd.errors import CommandError, TransientError
 
 #: Variables a child must never see: systemd's sockets are ours alone.
 _SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID")
+#: How long to wait for a killed child to exit. A zfs command stuck in the kernel (D state,
+#: e.g. on a pool whose disk was pulled) ignores SIGKILL until its I/O completes: waiting
+#: for it would turn every timeout and every cancellation into a hang of the caller.
+#: After this the child is left to the loop's child watcher, which reaps it when it exits.
+KILL_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +144,9 @@ async def _feed_secret(proc: asyncio.subprocess.Process, secret: bytearray) -> N
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL and wait briefly: a child in uninterruptible sleep cannot die before its I/O."""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        await proc.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), KILL_WAIT_SECONDS)
