@@ -310,9 +310,18 @@ class _Pipeline:
             if self._sender is not None:
                 if self._send_task is None or not self._send_task.done():
                     self._sender.abort()
-                with contextlib.suppress(TimeoutError):
-                    # Closing the channel also closes asyncssh's write end of the pipe.
-                    await asyncio.wait_for(self._sender.wait_closed(), CLOSE_TIMEOUT_SECONDS)
+                # Closing the channel also closes asyncssh's write end of the pipe. Only one
+                # waiter may be inside asyncssh's wait_closed() (it awaits its cleanup
+                # coroutines, which can be awaited once): the send task is that waiter.
+                closing: asyncio.Future[object] = (
+                    self._send_task
+                    if self._send_task is not None
+                    else asyncio.ensure_future(self._sender.wait_closed())
+                )
+                # asyncio.wait: the send's own outcome (an error too) is finish()'s to judge.
+                await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT_SECONDS)
+                if not closing.done():
+                    closing.cancel()
             # Reap both; their outcomes were taken already, or no longer matter after an error.
             await asyncio.gather(
                 *(t for t in (self._receive_task, self._send_task) if t is not None),
