@@ -131,11 +131,6 @@ def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
     )
 
 
-def zpool_reopen_argv(pool: str) -> tuple[str, ...]:
-    """``zpool reopen <pool>``: reopen every vdev by its (by-id) path."""
-    return (zargv.ZPOOL, "reopen", names.validate_pool_name(pool))
-
-
 async def revive_pool(runner: Runner, pool: str, *, timeout: float = REVIVE_TIMEOUT_SECONDS
                       ) -> list[str]:
     """Bring a pool back whose disk was pulled and plugged in again; returns what failed.
@@ -149,7 +144,7 @@ async def revive_pool(runner: Runner, pool: str, *, timeout: float = REVIVE_TIME
     abandoned, not waited for), failures only reported: the caller checks the health.
     """
     problems: list[str] = []
-    for argv in (zpool_reopen_argv(pool), zargv.zpool_clear(pool)):
+    for argv in (zargv.zpool_reopen(pool), zargv.zpool_clear(pool)):
         try:
             result = await runner.run(argv, timeout=timeout, check=False)
         except CommandTimeout as error:
@@ -292,7 +287,7 @@ class Session:
                            else "pool not revived", problems=problems or None,
                            health=row.health.value if row else None)
             if row is not None and row.health is parse.PoolHealth.SUSPENDED:
-                raise parse.PoolSuspended(zpool_reopen_argv(row.name), 1, "; ".join(problems))
+                raise parse.PoolSuspended(zargv.zpool_reopen(row.name), 1, "; ".join(problems))
         if row is None:
             await self._zfs.import_pool(self._import_device, self.disk.pool_guid)
             row = await self._find_imported()

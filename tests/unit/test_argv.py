@@ -151,6 +151,7 @@ BUILT = {
     ),
     "export": (zargv.zpool_export("xpool"), ("zpool", "export", "xpool")),
     "clear": (zargv.zpool_clear("xpool"), ("zpool", "clear", "xpool")),
+    "reopen": (zargv.zpool_reopen("xpool"), ("zpool", "reopen", "xpool")),
     "zpool list": (
         zargv.zpool_list(["xpool"]),
         ("zpool", "list", "-H", "-p", "-o", "name,guid,health", "xpool"),

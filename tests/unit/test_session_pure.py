@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from zbackupd.config import load_config
 from zbackupd.model import Encryption, Snapshot
 from zbackupd.plan import FullSend, IncrementalSend, Resume
-from zbackupd.session import select_datasets, send_argv, snapshot_filter, step_target
+from zbackupd.session import (
+    revive_pool,
+    select_datasets,
+    send_argv,
+    snapshot_filter,
+    step_target,
+)
 from zbackupd.zfs.parse import DatasetRow
+from zbackupd.zfs.runner import CommandResult, CommandTimeout
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = load_config(REPO / "docs/examples/minimal.toml")
@@ -48,3 +56,46 @@ def test_own_snapshots_are_the_send_targets_in_create_mode() -> None:
     chosen = snapshot_filter(SOURCE.datasets[0])
     assert chosen.matches(Snapshot("tank/a@zbackupd_20260101T000000Z", 1, 1))
     assert not chosen.matches(Snapshot("tank/a@autosnap_daily", 2, 2))
+
+
+class ScriptedRunner:
+    """Answers each argv from a script: a return code and stderr, or a timeout."""
+
+    def __init__(self, answers: dict[str, tuple[int, str] | None]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[tuple[str, ...], float | None]] = []
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin_secret: bytearray | None = None,
+        stdin_fd: int | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        self.calls.append((tuple(argv), timeout))
+        answer = self.answers[argv[1]]
+        if answer is None:
+            raise CommandTimeout(argv, timeout or 0.0)
+        return CommandResult(tuple(argv), answer[0], b"", answer[1])
+
+
+async def test_revive_pool_reopens_then_clears_with_bounded_commands() -> None:
+    runner = ScriptedRunner({"reopen": (0, ""), "clear": (0, "")})
+    assert await revive_pool(runner, "zbk-a", timeout=7.0) == []
+    assert runner.calls == [
+        (("zpool", "reopen", "zbk-a"), 7.0),
+        (("zpool", "clear", "zbk-a"), 7.0),
+    ]
+
+
+async def test_revive_pool_reports_a_hung_reopen_and_still_clears() -> None:
+    runner = ScriptedRunner(
+        {"reopen": None, "clear": (1, "cannot clear errors for zbk-a: I/O error")}
+    )
+    problems = await revive_pool(runner, "zbk-a", timeout=1.0)
+    assert len(problems) == 2
+    assert "did not finish within 1s" in problems[0]
+    assert "I/O error" in problems[1]
+    assert [argv[1] for argv, _ in runner.calls] == ["reopen", "clear"]

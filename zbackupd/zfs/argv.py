@@ -839,6 +839,12 @@ def zpool_export(pool: str) -> Argv:
     return (ZPOOL, "export", names.validate_pool_name(pool))
 
 
+def zpool_reopen(pool: str) -> Argv:
+    """``zpool reopen <pool>``: reopen every vdev by its path (a re-plugged disk's by-id
+    link now points at a new ``/dev/sdX``), letting writes stuck on the old one land."""
+    return (ZPOOL, "reopen", names.validate_pool_name(pool))
+
+
 def zpool_clear(pool: str) -> Argv:
     """``zpool clear <pool>``: resume a suspended pool once its disk is back."""
     return (ZPOOL, "clear", names.validate_pool_name(pool))
