@@ -360,7 +360,8 @@ class Daemon:
                 record = await session.run()
             self._store.record_run(record)
             self._session_report(session.status)
-            log.info("run finished", disk=disk.serial, run_id=session.run_id, ok=record.ok,
+            log.info(f"run finished: {record.summary}, {record.bytes_sent} bytes sent",
+                     disk=disk.serial, run_id=session.run_id, ok=record.ok,
                      summary=record.summary, bytes_sent=record.bytes_sent)
         finally:
             self._watcher.end_session(disk.identity)

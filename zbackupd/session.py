@@ -32,7 +32,7 @@ from zbackupd.power import DiskGone, PoweredOff
 from zbackupd.remote import RemoteHost
 from zbackupd.retention import RetentionPolicy, protections, select_for_destroy
 from zbackupd.secret import wipe
-from zbackupd.status import DiskStatus, Phase, Progress
+from zbackupd.status import DiskStatus, Phase, Progress, human_bytes
 from zbackupd.store import DatasetResult, RunRecord
 from zbackupd.transfer import TransferProgress, stream
 from zbackupd.zfs import argv as zargv
@@ -380,7 +380,7 @@ class Session:
             ]
             if wanted:
                 await remote.run(zargv.snapshot(wanted, recursive=recursive))
-                self._log.info("server snapshot taken", snapshots=wanted)
+                self._log.info(f"server snapshot taken: {' '.join(wanted)}", snapshots=wanted)
 
     async def _ensure_parents(
         self, source: Source, selected: Sequence[SourceDatasetInfo]
@@ -401,7 +401,8 @@ class Session:
                 ancestor = ancestor.rpartition("/")[0]
         for dataset in sorted(needed - existing, key=lambda name: name.count("/")):
             await self._zfs.create_placeholder(dataset)
-            self._log.info("placeholder created", dataset=dataset, source=source.name)
+            self._log.info(f"placeholder {dataset} created", dataset=dataset,
+                           source=source.name)
 
     # -- one dataset -------------------------------------------------------------------------
 
@@ -447,7 +448,8 @@ class Session:
                     snapshot_filter=snapshot_filter(info.config),
                     disk_encryption=received_as,
                 )
-                dataset_log.info("planned", plan=dataset_plan.explain())
+                dataset_log.info(f"planned: {dataset_plan.explain()}",
+                                 plan=dataset_plan.explain())
                 dataset_plan.raise_for_conflict()
                 if dataset_plan.is_up_to_date:
                     final = dataset_plan.common_base
@@ -511,7 +513,8 @@ class Session:
         tag = names.hold_tag(self.disk.label)
         if hold_target is not None:
             await remote.run(zargv.hold(tag, [hold_target.name]))
-        self._log.info("transfer started", dataset=info.name, step=step.describe(),
+        self._log.info(f"transfer started: {step.describe()}", dataset=info.name,
+                       step=step.describe(),
                        estimated_bytes=estimate)
 
         def on_progress(sample: TransferProgress) -> None:
@@ -535,8 +538,12 @@ class Session:
         finally:
             if hold_target is not None:
                 await remote.run(zargv.release(tag, [hold_target.name]), check=False)
-        self._log.info("transfer finished", dataset=info.name, step=step.describe(),
-                       bytes=result.bytes_transferred, seconds=round(result.elapsed, 3))
+        self._log.info(
+            f"transfer finished: {info.name}, {human_bytes(result.bytes_transferred)} "
+            f"in {result.elapsed:.1f}s ({human_bytes(result.rate)}/s)",
+            dataset=info.name, step=step.describe(), bytes=result.bytes_transferred,
+            seconds=round(result.elapsed, 3),
+        )
         return result.bytes_transferred
 
     async def _move_cursor(
@@ -576,7 +583,8 @@ class Session:
         if decision.destroy:
             doomed = [s.short_name for s in decision.destroy]
             await self._zfs.destroy_snapshots(info.target, doomed)
-            self._log.info("pruned", dataset=info.target, destroyed=doomed)
+            self._log.info(f"pruned {len(doomed)} snapshot(s) of {info.target}",
+                           dataset=info.target, destroyed=doomed)
 
 
 def send_argv(
