@@ -355,7 +355,7 @@ class Session:
         remote = await self._connect(source)
         async with remote:
             roots = [dataset.root for dataset in source.datasets]
-            await self._take_snapshots(remote, source)
+            taken_at = await self._take_snapshots(remote, source)
             self._enter(Phase.PLANNING, source.name)
             rows = parse.parse_datasets((await remote.run(zargv.list_datasets(roots))).text)
             listing = await remote.run(
@@ -365,12 +365,18 @@ class Session:
             selected = select_datasets(self.disk, source, rows)
             await self._ensure_parents(source, selected)
             for index, info in enumerate(selected):
+                own = run_snapshot_short_name(info.config, taken_at)
                 await self._back_up_dataset(
-                    remote, info, snapshots, bookmarks, index=index, total=len(selected)
+                    remote, info, up_to(snapshots, info.name, own), bookmarks,
+                    index=index, total=len(selected),
                 )
 
-    async def _take_snapshots(self, remote: RemoteHost, source: Source) -> None:
-        """One atomic ``zfs snapshot`` per kind (recursive or not) over the ``create`` roots."""
+    async def _take_snapshots(self, remote: RemoteHost, source: Source) -> datetime:
+        """One atomic ``zfs snapshot`` per kind (recursive or not) over the ``create`` roots.
+
+        Returns the time the names carry. A concurrent session (two disks plugged at once)
+        may have taken the same names in the same second: then that snapshot is this run's.
+        """
         when = self._now()
         for recursive in (True, False):
             wanted = [
@@ -378,9 +384,16 @@ class Session:
                 for d in source.datasets
                 if d.snapshots == "create" and d.recursive is recursive
             ]
-            if wanted:
+            if not wanted:
+                continue
+            try:
                 await remote.run(zargv.snapshot(wanted, recursive=recursive))
+            except parse.DatasetExists:
+                self._log.info(f"server snapshot already taken: {' '.join(wanted)}",
+                               snapshots=wanted)
+            else:
                 self._log.info(f"server snapshot taken: {' '.join(wanted)}", snapshots=wanted)
+        return when
 
     async def _ensure_parents(
         self, source: Source, selected: Sequence[SourceDatasetInfo]
@@ -585,6 +598,26 @@ class Session:
             await self._zfs.destroy_snapshots(info.target, doomed)
             self._log.info(f"pruned {len(doomed)} snapshot(s) of {info.target}",
                            dataset=info.target, destroyed=doomed)
+
+
+def run_snapshot_short_name(config: SourceDataset, taken_at: datetime) -> str | None:
+    """The name of this run's own snapshot of a dataset (``create`` mode), else None."""
+    if config.snapshots != "create":
+        return None
+    return names.run_snapshot_short_name(taken_at, config.snapshot_prefix)
+
+
+def up_to(
+    snapshots: Sequence[Snapshot], dataset: str, last_short_name: str | None
+) -> tuple[Snapshot, ...]:
+    """``dataset``'s part of a listing; with this run's own snapshot named, nothing newer.
+
+    A run sends its own recursive snapshot, one point in time for every dataset, even
+    when a concurrent run (another disk) snapshotted again while this one was listing.
+    """
+    mine = [s for s in snapshots if s.dataset == dataset]
+    cut = next((s.createtxg for s in mine if s.short_name == last_short_name), None)
+    return tuple(mine) if cut is None else tuple(s for s in mine if s.createtxg <= cut)
 
 
 def send_argv(

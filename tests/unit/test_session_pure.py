@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from zbackupd.config import load_config
@@ -10,10 +11,12 @@ from zbackupd.model import Encryption, Snapshot
 from zbackupd.plan import FullSend, IncrementalSend, Resume
 from zbackupd.session import (
     revive_pool,
+    run_snapshot_short_name,
     select_datasets,
     send_argv,
     snapshot_filter,
     step_target,
+    up_to,
 )
 from zbackupd.zfs.parse import DatasetRow
 from zbackupd.zfs.runner import CommandResult, CommandTimeout
@@ -99,3 +102,24 @@ async def test_revive_pool_reports_a_hung_reopen_and_still_clears() -> None:
     assert "did not finish within 1s" in problems[0]
     assert "I/O error" in problems[1]
     assert [argv[1] for argv, _ in runner.calls] == ["reopen", "clear"]
+
+
+def test_a_run_sends_its_own_snapshot_not_a_concurrent_runs_newer_one() -> None:
+    listing = [
+        Snapshot("tank/a@old", 1, 10),
+        Snapshot("tank/a@zbackupd_20261122T042539Z", 2, 20),
+        Snapshot("tank/a@zbackupd_20261122T042541Z", 3, 30),  # another disk's run
+        Snapshot("tank/b@zbackupd_20261122T042539Z", 4, 21),
+    ]
+    mine = up_to(listing, "tank/a", "zbackupd_20261122T042539Z")
+    assert [s.guid for s in mine] == [1, 2]
+    assert [s.guid for s in up_to(listing, "tank/a", None)] == [1, 2, 3]
+    assert [s.guid for s in up_to(listing, "tank/b", "zbackupd_20261122T042539Z")] == [4]
+
+
+def test_run_snapshot_name_only_in_create_mode() -> None:
+    when = datetime(2026, 11, 22, 4, 25, 39, tzinfo=UTC)
+    create = SOURCE.datasets[0]
+    assert run_snapshot_short_name(create, when) == "zbackupd_20261122T042539Z"
+    reuse = create.model_copy(update={"snapshots": "reuse", "reuse_pattern": "autosnap_*"})
+    assert run_snapshot_short_name(reuse, when) is None
