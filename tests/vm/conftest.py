@@ -119,3 +119,14 @@ def _release_usb_pools(vm: Vm) -> None:
         )
     except (VmError, GuestCommandTimeout) as error:
         pytest.fail(f"cleanup after the test could not export the USB pools: {error}")
+
+
+@pytest.fixture(scope="module")
+def installed(vm: Vm, server: BackupServer, zbackupd_version: str) -> Iterator[str]:
+    """The admin's first setup (tests/vm/story.py), once per module; the daemon is stopped
+    again afterwards. Yields the ``authorized_keys`` line ``zbackupd keygen`` printed."""
+    from tests.vm import story  # noqa: PLC0415 -- story imports this module's neighbours
+
+    line = story.first_setup(vm, server)
+    yield line
+    vm.run("systemctl stop zbackupd || true", check=False, timeout=240)

@@ -110,15 +110,13 @@ def tell_daemon_story(story: Story, vm: Vm, server: BackupServer) -> None:
     admin.start_daemon(vm)
     story.show(vm.run("systemctl status zbackupd --no-pager | head -6", check=False).stdout)
     story.step("plug the disk in: the daemon sees it, and waits for the passphrase")
-    vm.plug_usb_disk(usb.serial, usb.size_bytes, image=usb.image)
+    admin.replug(vm, disk)
     admin.wait_for(vm, "the disk to wait",
                    lambda: admin.disk_phase(vm, disk.label) == "waiting for unlock", 120)
     story.show("Status: " + admin.systemd_status_line(vm))
     story.step("`zbackupd unlock` (passphrase on stdin) — then walk away")
     admin.unlock(vm)
-    admin.wait_for(vm, "the backup and the power-off",
-                   lambda: not admin.disk_present(vm, usb)
-                   and admin.disk_phase(vm, disk.label) in ("done", "failed", "refused"))
+    admin.wait_powered_off(vm, disk)
     story.step("come back: systemctl status zbackupd")
     story.show(vm.run("systemctl status zbackupd --no-pager | head -8", check=False).stdout)
     story.step(f"journalctl -u zbackupd DISK={usb.serial}")

@@ -149,6 +149,21 @@ def wait_for(vm: Vm, what: str, predicate: Any, timeout: float = 600.0) -> None:
     )
 
 
+def replug(vm: Vm, disk: BackupDisk) -> None:
+    """Pull the disk from the host side (if still attached) and plug the same image in."""
+    if disk.usb.serial in vm.usb_disks:
+        vm.unplug_usb_disk(disk.usb, wait_guest=False)
+    vm.plug_usb_disk(disk.usb.serial, disk.usb.size_bytes, image=disk.usb.image)
+
+
+def wait_powered_off(vm: Vm, disk: BackupDisk, timeout: float = 600) -> None:
+    """Until the daemon has finished with the disk and the disk is gone from the guest."""
+    wait_for(vm, f"disk {disk.label} backed up and powered off",
+             lambda: not disk_present(vm, disk.usb)
+             and disk_phase(vm, disk.label) in ("done", "failed", "refused"),
+             timeout)  # fmt: skip
+
+
 def disk_present(vm: Vm, usb: UsbDisk) -> bool:
     return vm.run(f"test -e {usb.by_id}", check=False).returncode == 0
 

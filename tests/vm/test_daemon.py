@@ -8,38 +8,18 @@ the disks are virtual USB disks hot-plugged through QMP with chosen serials.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from tests.vm import story
 from tests.vm.conftest import UsbDiskFactory
 from tests.vm.controller import Vm
-from tests.vm.story import BackupDisk
 from tests.vm.topology import BackupServer
 
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture(scope="module")
-def installed(vm: Vm, server: BackupServer, zbackupd_version: str) -> Iterator[str]:
-    """First setup done once for this module; the daemon stopped again afterwards."""
-    line = story.first_setup(vm, server)
-    yield line
-    vm.run("systemctl stop zbackupd || true", check=False, timeout=240)
 
-
-def _replug(vm: Vm, disk: BackupDisk) -> None:
-    """Pull the disk from the host side (if still attached) and plug the same image in."""
-    if disk.usb.serial in vm.usb_disks:
-        vm.unplug_usb_disk(disk.usb, wait_guest=False)
-    vm.plug_usb_disk(disk.usb.serial, disk.usb.size_bytes, image=disk.usb.image)
-
-
-def _wait_powered_off(vm: Vm, disk: BackupDisk) -> None:
-    story.wait_for(vm, f"disk {disk.label} backed up and powered off",
-                   lambda: not story.disk_present(vm, disk.usb)
-                   and story.disk_phase(vm, disk.label) in ("done", "failed", "refused"))
 
 
 def test_keygen_line_forces_the_gate(installed: str) -> None:
@@ -60,14 +40,14 @@ def test_plug_in_walk_away_then_incremental(
     assert "locked" in story.systemd_status_line(vm)
 
     # Plugged while locked: the daemon waits and says so; nothing is imported.
-    _replug(vm, disk)
+    story.replug(vm, disk)
     story.wait_for(vm, "the disk to wait for unlock",
                    lambda: story.disk_phase(vm, disk.label) == "waiting for unlock", 120)
     assert "zbackupd unlock" in story.systemd_status_line(vm)
     assert disk.pool_name not in vm.run("zpool list -H -o name").stdout
 
     story.unlock(vm)
-    _wait_powered_off(vm, disk)
+    story.wait_powered_off(vm, disk)
     first = story.last_run(vm, disk.label)
     assert first["ok"], first
     assert first["bytes_sent"] > 8 << 20  # three datasets with 6 MiB of random data each
@@ -81,7 +61,7 @@ def test_plug_in_walk_away_then_incremental(
 
     # What landed: the server's newest snapshot of every dataset, encrypted as designed.
     vm.run("systemctl stop zbackupd", timeout=240)
-    _replug(vm, disk)
+    story.replug(vm, disk)
     story.import_for_inspection(vm, disk)
     try:
         server_guids = story.server_newest_guids(vm, server)
@@ -100,10 +80,10 @@ def test_plug_in_walk_away_then_incremental(
     vm.run(server.ssh("dd if=/dev/urandom of=/tank/plain/third.bin bs=1M count=1 status=none"))
     story.start_daemon(vm)
     story.unlock(vm)
-    _replug(vm, disk)
+    story.replug(vm, disk)
     story.wait_for(vm, "the second run to start",
                    lambda: story.last_run(vm, disk.label)["run_id"] != first["run_id"])
-    _wait_powered_off(vm, disk)
+    story.wait_powered_off(vm, disk)
     second = story.last_run(vm, disk.label)
     assert second["ok"], second
     assert second["bytes_sent"] < first["bytes_sent"] // 4, (first, second)
@@ -136,7 +116,7 @@ def test_coldplugged_disk_is_backed_up_once(
     disk = story.init_disk(vm, usb, "story-c")
     story.start_daemon(vm)  # the disk is already attached
     story.unlock(vm)
-    _wait_powered_off(vm, disk)
+    story.wait_powered_off(vm, disk)
     state = json.loads(vm.run(f"cat {story.STATE_FILE}").stdout)
     runs = state["runs"][disk.label]
     assert len(runs) == 1, runs

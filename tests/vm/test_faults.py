@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -47,22 +46,9 @@ _TIMED_STATUS = (
 )
 
 
-@pytest.fixture(scope="module")
-def installed(vm: Vm, server: BackupServer, zbackupd_version: str) -> Iterator[str]:
-    """First setup done once for this module; the daemon stopped again afterwards."""
-    line = story.first_setup(vm, server)
-    yield line
-    vm.run("systemctl stop zbackupd || true", check=False, timeout=240)
-
 
 # -- helpers ----------------------------------------------------------------------------
 
-
-def _replug(vm: Vm, disk: BackupDisk) -> None:
-    """Pull the disk from the host side (if still attached) and plug the same image in."""
-    if disk.usb.serial in vm.usb_disks:
-        vm.unplug_usb_disk(disk.usb, wait_guest=False)
-    vm.plug_usb_disk(disk.usb.serial, disk.usb.size_bytes, image=disk.usb.image)
 
 
 def _disk_status(vm: Vm, label: str) -> dict[str, Any]:
@@ -71,12 +57,6 @@ def _disk_status(vm: Vm, label: str) -> dict[str, Any]:
             return dict(disk)
     return {}
 
-
-def _wait_powered_off(vm: Vm, disk: BackupDisk, timeout: float = 600) -> None:
-    story.wait_for(vm, f"disk {disk.label} backed up and powered off",
-                   lambda: not story.disk_present(vm, disk.usb)
-                   and story.disk_phase(vm, disk.label) in ("done", "failed", "refused"),
-                   timeout)  # fmt: skip
 
 
 def _wait_transferring(vm: Vm, disk: BackupDisk) -> dict[str, Any]:
@@ -121,7 +101,7 @@ def _disk_snapshots(vm: Vm, disk: BackupDisk) -> set[tuple[str, int]]:
 def _inspect(vm: Vm, server: BackupServer, disk: BackupDisk) -> set[tuple[str, int]]:
     """With the daemon stopped: the disk holds the server's newest snapshot of every
     dataset (by GUID); returns all its snapshots."""
-    _replug(vm, disk)
+    story.replug(vm, disk)
     story.import_for_inspection(vm, disk)
     try:
         assert story.disk_newest_guids(vm, disk) == story.server_newest_guids(vm, server)
@@ -147,9 +127,9 @@ def test_two_disks_at_once_are_backed_up_concurrently(
     story.start_daemon(vm)
     story.unlock(vm)
     for disk in (first, second):
-        _replug(vm, disk)
+        story.replug(vm, disk)
     for disk in (first, second):
-        _wait_powered_off(vm, disk)
+        story.wait_powered_off(vm, disk)
     runs = [story.last_run(vm, disk.label) for disk in (first, second)]
     assert all(run["ok"] for run in runs), runs
     assert all(run["bytes_sent"] > 8 << 20 for run in runs), runs
@@ -180,7 +160,7 @@ def _inspect_own_run(
         for name, guid in (line.split("\t") for line in listing.splitlines())
         if name.endswith("@" + snapshot)
     }
-    _replug(vm, disk)
+    story.replug(vm, disk)
     story.import_for_inspection(vm, disk)
     try:
         assert story.disk_newest_guids(vm, disk) == server_guids
@@ -197,14 +177,14 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     story.start_daemon(vm)
     story.unlock(vm)
     # A first, small backup: what is on the disk before the pull must survive it.
-    _replug(vm, disk)
-    _wait_powered_off(vm, disk)
+    story.replug(vm, disk)
+    story.wait_powered_off(vm, disk)
     before = story.last_run(vm, disk.label)
     assert before["ok"], before
     kept = {f"{result['dataset']}@{result['newest_snapshot']}" for result in before["datasets"]}
 
     _big_file_on_server(vm, server, "pulled.bin")
-    _replug(vm, disk)
+    story.replug(vm, disk)
     at_pull = _wait_transferring(vm, disk)
     vm.unplug_usb_disk(usb)  # the cable, yanked
     pulled_at = time.monotonic()
@@ -228,7 +208,7 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
           f"guest:\n{evidence}")  # fmt: skip
 
     vm.plug_usb_disk(usb.serial, usb.size_bytes, image=usb.image)
-    _wait_powered_off(vm, disk)
+    story.wait_powered_off(vm, disk)
     after = story.last_run(vm, disk.label)
     assert after["ok"], after
     assert after["run_id"] != before["run_id"]
@@ -254,7 +234,7 @@ def test_sigterm_mid_transfer_exports_then_resumes(
     _big_file_on_server(vm, server, "stopped.bin")
     story.start_daemon(vm)
     story.unlock(vm)
-    _replug(vm, disk)
+    story.replug(vm, disk)
     at_stop = _wait_transferring(vm, disk)
 
     started = time.monotonic()
@@ -276,7 +256,7 @@ def test_sigterm_mid_transfer_exports_then_resumes(
 
     story.start_daemon(vm)
     story.unlock(vm)  # the disk is still attached: coldplug starts the next run
-    _wait_powered_off(vm, disk)
+    story.wait_powered_off(vm, disk)
     resumed = story.last_run(vm, disk.label)
     assert resumed["ok"], resumed
     assert "resume the interrupted receive" in _journal(vm, f"RUN_ID={resumed['run_id']}")

@@ -5,7 +5,6 @@ for the datasets that were sent raw).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,12 +45,11 @@ print("ssh_seed_hex=" + bytes(seed).hex().encode().hex())
 
 
 @pytest.fixture(scope="module")
-def installed(vm: Vm, server: BackupServer, zbackupd_version: str) -> Iterator[str]:
-    line = story.first_setup(vm, server)
+def installed(installed: str, vm: Vm) -> str:
+    """conftest's first setup, plus the secret scanner and the key derivation script."""
     vm.put_file(HERE / "scan_secrets.py", "/root/scan_secrets.py")
     vm.run("install -m 0600 /dev/stdin /root/derive_secrets.py", stdin=DERIVE_SECRETS.encode())
-    yield line
-    vm.run("systemctl stop zbackupd || true", check=False, timeout=240)
+    return installed
 
 
 def _back_up(vm: Vm, usb_disk: UsbDiskFactory, serial: str, label: str) -> BackupDisk:
@@ -59,9 +57,7 @@ def _back_up(vm: Vm, usb_disk: UsbDiskFactory, serial: str, label: str) -> Backu
     disk = story.init_disk(vm, usb, label)
     story.start_daemon(vm)
     story.unlock(vm)
-    story.wait_for(vm, f"disk {label} backed up and powered off",
-                   lambda: not story.disk_present(vm, usb)
-                   and story.disk_phase(vm, label) in ("done", "failed"))
+    story.wait_powered_off(vm, disk)
     assert story.last_run(vm, label)["ok"], story.last_run(vm, label)
     return disk
 
@@ -123,8 +119,7 @@ def test_restore_drill_with_only_the_recovery_key(
     assert len(recovery.replace(" ", "")) == 64
     vm.run("systemctl stop zbackupd", timeout=240)
     # A new machine: the disk, the printed recovery key, the server's keys for raw datasets.
-    vm.unplug_usb_disk(disk.usb, wait_guest=False)
-    vm.plug_usb_disk(disk.usb.serial, disk.usb.size_bytes, image=disk.usb.image)
+    story.replug(vm, disk)
     base = f"{disk.pool_name}/backup/{story.SOURCE_NAME}"
     unhex = "python3 -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.stdin.read()))'"
     vm.run(f"zpool import -d {disk.partition} -N -o cachefile=none -R /restore "
