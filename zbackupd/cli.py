@@ -127,7 +127,7 @@ def _unlock(args: argparse.Namespace) -> int:
     config = _load(args)
     with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
         result = asyncio.run(request(config.daemon.control_socket, "unlock", secret=passphrase))
-    print(result["summary"])
+    print(f"unlocked: {result['summary']}")
     return EXIT_OK
 
 

@@ -54,6 +54,7 @@ MIN_WINDOW_BYTES: Final = 64 * 1024
 MAX_WINDOW_BYTES: Final = 2**32 - 1  # the SSH window is a uint32
 DEFAULT_KEEPALIVE_INTERVAL: Final = 15.0
 DEFAULT_SNAPSHOT_PREFIX: Final = names.DEFAULT_PREFIX
+DEFAULT_KEEP_OWN_SNAPSHOTS: Final = 1
 
 MAX_UINT64: Final = 2**64 - 1
 
@@ -441,6 +442,9 @@ class Source(_Model):
     )
     window_bytes: WindowBytes = DEFAULT_WINDOW_BYTES
     keepalive_interval: float = Field(default=DEFAULT_KEEPALIVE_INTERVAL, gt=0, le=3600)
+    #: How many of zbackupd's newest own run snapshots stay on this server per dataset
+    #: (``create`` mode); older ones are destroyed after a run (``server_prune.py``).
+    keep_own_snapshots: int = Field(default=DEFAULT_KEEP_OWN_SNAPSHOTS, ge=1)
     datasets: tuple[SourceDataset, ...] = Field(min_length=1)
 
 

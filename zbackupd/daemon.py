@@ -28,6 +28,7 @@ from zbackupd.notify import Notifier
 from zbackupd.power import DiskPower
 from zbackupd.remote import RemoteHost
 from zbackupd.secret import SecretBytes, read_secret
+from zbackupd.server_prune import InUseRegistry
 from zbackupd.session import Session, revive_pool
 from zbackupd.sshkey import load_identity
 from zbackupd.status import DaemonStatus, DiskStatus, Phase, as_dict, status_line
@@ -105,6 +106,8 @@ class Daemon:
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._active: dict[str, Session] = {}  # the Session behind each task in _sessions
         self._recoveries: dict[str, asyncio.Task[None]] = {}
+        #: Server snapshots the running sessions rely on: one registry shared by all of them.
+        self._snapshots_in_use = InUseRegistry()
         #: Disks pulled under a session that has not ended: the status says "re-plug"
         #: whatever the (stuck) session still reports, until the disk is back.
         self._pulled: set[str] = set()
@@ -189,6 +192,7 @@ class Daemon:
             os.close(fd)
         try:
             await self.handle_unlock(passphrase)
+            log.info("unlocked from credential", credential=str(path))
         except ZbackupdError as error:
             log.error("unlock from credential failed", credential=str(path), error=str(error))
         finally:
@@ -340,6 +344,7 @@ class Daemon:
             power=self._power,
             report=self._session_report,
             pool_key=self._pool_key(disk),
+            snapshots_in_use=self._snapshots_in_use,
         )
         self._active[disk.label] = session
         self._sessions[disk.label] = asyncio.create_task(self._run_session(disk, session))

@@ -32,6 +32,13 @@ from zbackupd.power import DiskGone, PoweredOff
 from zbackupd.remote import RemoteHost
 from zbackupd.retention import RetentionPolicy, protections, select_for_destroy
 from zbackupd.secret import wipe
+from zbackupd.server_prune import (
+    InUseRegistry,
+    OwnSnapshotPolicy,
+    ServerPruneFailed,
+    other_cursor_short_names,
+    prune_dataset,
+)
 from zbackupd.status import DiskStatus, Phase, Progress, human_bytes
 from zbackupd.store import DatasetResult, RunRecord
 from zbackupd.transfer import TransferProgress, stream
@@ -172,6 +179,7 @@ class Session:
         power: PowerSwitch,
         report: Callable[[DiskStatus], None],
         pool_key: Callable[[], bytearray],
+        snapshots_in_use: InUseRegistry,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         run_id: str | None = None,
     ) -> None:
@@ -191,6 +199,8 @@ class Session:
         self._log = log.bind(disk=disk.serial, disk_label=disk.label, run_id=self.run_id)
         self._imported = False
         self._tally = _RunLog()
+        #: The server snapshots this run relies on, so a concurrent run does not prune them.
+        self._in_use = snapshots_in_use.lease(self.run_id)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -246,6 +256,8 @@ class Session:
             self._log.error("session failed", error=str(error), error_type=type(error).__name__,
                             transient=error.transient)
             self._enter(Phase.FAILED, outcome)
+        finally:
+            self._in_use.release()
         finished = time.time()
         self._status = replace(
             self._status,
@@ -368,7 +380,7 @@ class Session:
                 own = run_snapshot_short_name(info.config, taken_at)
                 await self._back_up_dataset(
                     remote, info, up_to(snapshots, info.name, own), bookmarks,
-                    index=index, total=len(selected),
+                    index=index, total=len(selected), source=source,
                 )
 
     async def _take_snapshots(self, remote: RemoteHost, source: Source) -> datetime:
@@ -386,6 +398,7 @@ class Session:
             ]
             if not wanted:
                 continue
+            self._in_use.protect(wanted, recursive=recursive)  # before it exists: no gap
             try:
                 await remote.run(zargv.snapshot(wanted, recursive=recursive))
             except parse.DatasetExists:
@@ -438,6 +451,7 @@ class Session:
         *,
         index: int,
         total: int,
+        source: Source,
     ) -> None:
         dataset_log = self._log.bind(dataset=info.name, target=info.target)
         server = DatasetState(
@@ -475,6 +489,7 @@ class Session:
                     break
             if final is not None:
                 await self._move_cursor(remote, info, final, cursor)
+                await self._prune_server(remote, info, source, server, final)
             self._enter(Phase.PRUNING, info.target)
             await self._prune(info, final, cursor)
         except planner.PlanConflictError as error:
@@ -522,10 +537,11 @@ class Session:
                 "overwrite it: destroy it on the disk to let zbackupd send it afresh"
             )
         estimate = await self._estimate(remote, step, info.encryption)
-        hold_target = None if isinstance(step, planner.Resume) else step_target(step)
         tag = names.hold_tag(self.disk.label)
-        if hold_target is not None:
-            await remote.run(zargv.hold(tag, [hold_target.name]))
+        held = held_snapshot_name(step)
+        if held is not None and not isinstance(step, planner.Resume):
+            # A resume's snapshot is still held from the interrupted run.
+            await self._hold(remote, tag, held)
         self._log.info(f"transfer started: {step.describe()}", dataset=info.name,
                        step=step.describe(),
                        estimated_bytes=estimate)
@@ -548,9 +564,15 @@ class Session:
                 estimated_total=estimate,
                 on_progress=on_progress,
             )
-        finally:
-            if hold_target is not None:
-                await remote.run(zargv.release(tag, [hold_target.name]), check=False)
+        except BaseException:
+            if held is not None:
+                # The partial receive resumes from this snapshot next time: keep it pinned
+                # (a later successful run releases the hold, see server_prune).
+                self._log.info(f"transfer interrupted: hold on {held} kept for the resume",
+                               dataset=info.name, snapshot=held, tag=tag)
+            raise
+        if held is not None:
+            await remote.run(zargv.release(tag, [held]), check=False)
         self._log.info(
             f"transfer finished: {info.name}, {human_bytes(result.bytes_transferred)} "
             f"in {result.elapsed:.1f}s ({human_bytes(result.rate)}/s)",
@@ -558,6 +580,12 @@ class Session:
             seconds=round(result.elapsed, 3),
         )
         return result.bytes_transferred
+
+    async def _hold(self, remote: RemoteHost, tag: str, snapshot: str) -> None:
+        """``zfs hold``; a hold this disk already has there (an earlier run) is fine."""
+        result = await remote.run(zargv.hold(tag, [snapshot]), check=False)
+        if result.returncode != 0 and "tag already exists" not in result.stderr:
+            raise parse.classify_error(result.argv, result.returncode, result.stderr)
 
     async def _move_cursor(
         self,
@@ -574,6 +602,41 @@ class Session:
         if cursor is not None:
             await remote.run(zargv.destroy_bookmark(cursor_name))
         await remote.run(zargv.bookmark(server_snapshot, cursor_name))
+
+    async def _prune_server(
+        self,
+        remote: RemoteHost,
+        info: SourceDatasetInfo,
+        source: Source,
+        server: DatasetState,
+        final: Snapshot,
+    ) -> None:
+        """With the cursor at ``final``: destroy older own snapshots of the dataset on the
+        server (``server_prune.py`` says which). A failure only warns: the next run retries."""
+        if info.config.snapshots != "create":
+            return
+        others = other_cursor_short_names(self.config, self.disk, source)
+        try:
+            decision = await prune_dataset(
+                remote,
+                info.name,
+                server.snapshots,
+                OwnSnapshotPolicy(info.config.snapshot_prefix, source.keep_own_snapshots),
+                sent=final,
+                other_cursors=[b for b in server.bookmarks if b.short_name in others],
+                in_use=self._in_use.in_use_by_others,
+                own_hold_tag=names.hold_tag(self.disk.label),
+            )
+        except ServerPruneFailed as error:
+            self._log.warning(f"pruning own snapshots of {info.name} on the server failed "
+                              f"(the next run tries again): {error.cause}", dataset=info.name,
+                              snapshots=list(error.snapshots), error=str(error.cause),
+                              error_type=type(error.cause).__name__, transient=error.transient)
+            return
+        if decision.destroy:
+            self._log.info(f"pruned {len(decision.destroy)} own snapshot(s) of {info.name} "
+                           "on the server", dataset=info.name,
+                           destroyed=list(decision.short_names))
 
     async def _prune(
         self, info: SourceDatasetInfo, final: Snapshot | None, cursor: Bookmark | None
@@ -633,10 +696,14 @@ def send_argv(
     )
 
 
-def step_target(step: planner.TransferStep) -> Snapshot | None:
-    """The server snapshot a step sends up to (held on the server while it travels)."""
+def held_snapshot_name(step: planner.TransferStep) -> str | None:
+    """The server snapshot a step sends up to: held on the server while it travels and,
+    if the stream is interrupted, until the resume lands (``zfs send -t`` needs it)."""
     if isinstance(step, planner.FullSend):
-        return step.snapshot
+        return step.snapshot.name
     if isinstance(step, planner.IncrementalSend):
-        return step.to
-    return None
+        return step.to.name
+    try:
+        return zargv.decode_resume_token(step.token).toname
+    except zargv.InvalidArgument:
+        return None  # the resume itself reports the bad token

@@ -109,6 +109,7 @@ def test_full_example_sets_every_option_it_documents() -> None:
     assert config.daemon.metrics_file == Path("/var/lib/prometheus/node-exporter/zbackupd.prom")
     assert config.sources[0].datasets[1].snapshots == "reuse"
     assert config.sources[1].port == 2222
+    assert config.sources[0].keep_own_snapshots == 1
     assert config.sources[1].datasets[0].recursive is False
     # The per-disk retention overrides two keys and inherits the rest.
     assert config.retention_for(first).monthly == 24
@@ -538,6 +539,27 @@ def test_daemon_settings_are_checked(daemon: str, key: str) -> None:
 def test_retention_is_checked(retention: str, key: str) -> None:
     text = f"[retention]\n{retention}\n" + source_block() + disk_block()
     assert keys_of(refusal(text)) == {key}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "must be greater than or equal to 1"),
+        ("-2", "must be greater than or equal to 1"),
+        ("true", "expected an integer, got a boolean True"),
+        ('"2"', "expected an integer, got a string '2'"),
+    ],
+)
+def test_keep_own_snapshots_is_a_whole_number_of_at_least_one(value: str, message: str) -> None:
+    error = refusal(source_block(extra=f"keep_own_snapshots = {value}") + disk_block())
+    assert str(error) == f"test.toml: sources[0].keep_own_snapshots: {message}"
+
+
+def test_keep_own_snapshots_defaults_to_one_per_source() -> None:
+    config = parse(
+        source_block() + source_block(name="other", extra="keep_own_snapshots = 3") + disk_block()
+    )
+    assert [source.keep_own_snapshots for source in config.sources] == [1, 3]
 
 
 def test_zero_disks_is_a_valid_first_setup() -> None:

@@ -10,12 +10,12 @@ from zbackupd.config import load_config
 from zbackupd.model import Encryption, Snapshot
 from zbackupd.plan import FullSend, IncrementalSend, Resume
 from zbackupd.session import (
+    held_snapshot_name,
     revive_pool,
     run_snapshot_short_name,
     select_datasets,
     send_argv,
     snapshot_filter,
-    step_target,
     up_to,
 )
 from zbackupd.zfs.parse import DatasetRow
@@ -51,8 +51,15 @@ def test_send_mode_follows_the_source_encryption() -> None:
     assert {"-L", "-c"} <= set(plain)
     incremental = send_argv(IncrementalSend(snap, newer, True), Encryption.ENCRYPTED)
     assert incremental[-3:] == ("-I", snap.name, newer.name)
-    assert step_target(IncrementalSend(snap, newer, True)) == newer
-    assert step_target(Resume("1-abc")) is None
+    assert held_snapshot_name(IncrementalSend(snap, newer, True)) == newer.name
+    assert held_snapshot_name(FullSend(snap)) == snap.name
+
+
+def test_a_resume_holds_the_snapshot_its_token_continues() -> None:
+    from tests.unit.test_argv import REAL_TOKEN  # noqa: PLC0415 -- one captured token
+
+    assert held_snapshot_name(Resume(REAL_TOKEN)) == "pool1/test@a"
+    assert held_snapshot_name(Resume("1-abc")) is None  # the resume reports the bad token
 
 
 def test_own_snapshots_are_the_send_targets_in_create_mode() -> None:

@@ -186,6 +186,20 @@ def server_newest_guids(vm: Vm, server: BackupServer) -> dict[str, int]:
     return newest
 
 
+def server_own_snapshots(vm: Vm, server: BackupServer) -> dict[str, list[int]]:
+    """GUIDs of zbackupd's own run snapshots per dataset under the roots, oldest first."""
+    listing = vm.run(server.ssh(
+        "zfs list -H -p -t snapshot -o name,guid -s createtxg -r " + " ".join(ROOTS)
+    )).stdout
+    own: dict[str, list[int]] = {}
+    for line in listing.splitlines():
+        name, guid = line.split("\t")
+        dataset, _, short = name.partition("@")
+        if short.startswith("zbackupd_"):
+            own.setdefault(dataset, []).append(int(guid))
+    return own
+
+
 def disk_newest_guids(vm: Vm, disk: BackupDisk) -> dict[str, int]:
     """Newest snapshot GUID per dataset on the disk, keyed by the server's dataset name."""
     prefix = f"{disk.pool_name}/backup/{SOURCE_NAME}/"
@@ -197,6 +211,18 @@ def disk_newest_guids(vm: Vm, disk: BackupDisk) -> dict[str, int]:
         name, guid = line.split("\t")
         newest[name.partition("@")[0].removeprefix(prefix)] = int(guid)
     return newest
+
+
+def inspect_newest_guids(vm: Vm, disk: BackupDisk) -> dict[str, int]:
+    """Stop the daemon, plug the (powered-off) disk back in and read ``disk_newest_guids``;
+    the pool is exported again afterwards."""
+    vm.run("systemctl stop zbackupd", timeout=240)
+    replug(vm, disk)
+    import_for_inspection(vm, disk)
+    try:
+        return disk_newest_guids(vm, disk)
+    finally:
+        export(vm, disk)
 
 
 def import_for_inspection(vm: Vm, disk: BackupDisk) -> None:

@@ -89,6 +89,12 @@ def test_plug_in_walk_away_then_incremental(
     assert second["bytes_sent"] < first["bytes_sent"] // 4, (first, second)
     print(f"full run sent {first['bytes_sent']} bytes, incremental {second['bytes_sent']}")
 
+    # The first run's snapshots were pruned on the server: per dataset exactly
+    # keep_own_snapshots (1) of zbackupd's own remain, the one the disk holds as its newest.
+    assert story.server_own_snapshots(vm, server) == {
+        dataset: [guid] for dataset, guid in story.inspect_newest_guids(vm, disk).items()
+    }
+
 
 def test_impostor_is_refused_and_nothing_imported(
     vm: Vm, installed: str, usb_disk: UsbDiskFactory

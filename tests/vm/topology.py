@@ -10,6 +10,7 @@ with ``--no-index``: the guest reaches no registry).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -166,12 +167,16 @@ def build_wheelhouse(destination: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="zbackupd-wheel-") as scratch:
         source = _copy_source(Path(scratch))
         if not cached.is_dir():
-            partial = cached.with_name(cached.name + ".partial")
+            # Per process: two test runs at once each build their own, the first rename wins.
+            partial = cached.with_name(f"{cached.name}.partial-{os.getpid()}")
             shutil.rmtree(partial, ignore_errors=True)
             _pip(["wheel", "--quiet", "--wheel-dir", str(partial), str(source)])
             for own in partial.glob("zbackupd-*.whl"):
                 own.unlink()
-            partial.rename(cached)
+            try:
+                partial.rename(cached)
+            except OSError:  # another run finished first: its wheels are the same
+                shutil.rmtree(partial, ignore_errors=True)
         destination.mkdir(parents=True, exist_ok=True)
         for wheel in cached.glob("*.whl"):
             shutil.copy2(wheel, destination)
