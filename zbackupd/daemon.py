@@ -51,6 +51,8 @@ log = structlog.get_logger(__name__)
 CREDENTIAL_NAME = "zbackupd-passphrase"
 #: How long recovery of a suspended pool may wait for the stuck session to end.
 RECOVERY_WAIT_SECONDS = 300.0
+#: After a revival, how long the stuck session gets to move before the next try.
+REVIVE_RETRY_SECONDS = 45.0
 #: How long SIGTERM waits for sessions to abort and export (below the unit's
 #: TimeoutStopSec=180): a session whose disk was pulled may be stuck in the kernel.
 STOP_GRACE_SECONDS = 150.0
@@ -301,19 +303,31 @@ class Daemon:
             session.replugged(import_device=event.import_path or "",
                               power_device=event.device_node or event.import_path or "")
             self._update(replace(session.status, message="disk is back: resuming"))
-        problems = await revive_pool(self._runner, disk.pool_name)
-        log.info("pool revived after re-plug", disk=disk.serial, disk_label=disk.label,
-                 problems=problems or None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECOVERY_WAIT_SECONDS
+        attempt = 0
         try:
-            async with asyncio.timeout(RECOVERY_WAIT_SECONDS):
-                await asyncio.shield(stuck)
-        except TimeoutError:
-            log.error("earlier session still stuck after re-plug", disk=disk.serial)
-            current = next(d for d in self._status.disks if d.label == disk.label)
-            self._update(replace(current, phase=Phase.SUSPENDED,
-                                 message=f"still stuck after re-plug of disk {disk.label}: "
-                                 "restart the machine"))
-            return
+            while not stuck.done() and loop.time() < deadline:
+                # Again if a try did not get it going (the pool may have turned
+                # SUSPENDED meanwhile): each try is ``zpool reopen`` + ``clear``.
+                attempt += 1
+                revival = await revive_pool(self._runner, disk.pool_name)
+                log.info("pool revived after re-plug", disk=disk.serial, disk_label=disk.label,
+                         attempt=attempt, problems=revival.problems or None,
+                         health_before=revival.health_before.value
+                         if revival.health_before else None)
+                left = max(deadline - loop.time(), 1.0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(REVIVE_RETRY_SECONDS, left)):
+                        await asyncio.shield(stuck)
+            if not stuck.done():
+                log.error("earlier session still stuck after re-plug", disk=disk.serial,
+                          attempts=attempt)
+                current = next(d for d in self._status.disks if d.label == disk.label)
+                self._update(replace(current, phase=Phase.SUSPENDED,
+                                     message=f"still stuck after re-plug of disk {disk.label}: "
+                                     "restart the machine"))
+                return
         except asyncio.CancelledError:
             if not stuck.done():
                 raise

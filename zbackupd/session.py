@@ -138,20 +138,56 @@ def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
     )
 
 
+def revive_steps(health: parse.PoolHealth | None, pool: str) -> tuple[zargv.Argv, ...]:
+    """What brings back a pool whose disk was pulled mid-write and is plugged in again.
+
+    Measured in the VM (OpenZFS 2.3.2, no ZED): after the pull the pool stays ONLINE, its
+    sync thread retrying writes to the vanished device (seen for over 10 minutes); under
+    the daemon it sometimes turns SUSPENDED ~90 s after the pull ("uncorrectable I/O
+    failure"). Either way the vdev still points at the dead block device: ``zpool
+    reopen`` reopens it by its by-id path on the new device, then ``zpool clear`` resumes
+    whatever was suspended. ``clear`` alone is not enough: on a SUSPENDED pool it returns
+    0 and the pool stays suspended (then ``zpool`` hangs logging its history). ``health``
+    is only for the record: the steps are the same.
+    """
+    del health
+    return (zargv.zpool_reopen(pool), zargv.zpool_clear(pool))
+
+
+async def pool_health(runner: Runner, pool: str, *, timeout: float) -> parse.PoolHealth | None:
+    """The pool's health from ``zpool list``, or None if that fails or hangs."""
+    try:
+        result = await runner.run(zargv.zpool_list([pool]), timeout=timeout, check=False)
+    except CommandTimeout:
+        return None
+    if result.returncode != 0:
+        return None
+    try:
+        rows = parse.parse_pool_list(result.text)
+    except parse.ParseError:
+        return None
+    return next((row.health for row in rows if row.name == pool), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Revival:
+    """What ``revive_pool`` found and what failed (empty: every step returned 0)."""
+
+    health_before: parse.PoolHealth | None
+    problems: tuple[str, ...]
+
+
 async def revive_pool(runner: Runner, pool: str, *, timeout: float = REVIVE_TIMEOUT_SECONDS
-                      ) -> list[str]:
+                      ) -> Revival:
     """Bring a pool back whose disk was pulled and plugged in again; returns what failed.
 
-    Measured in the VM (OpenZFS 2.3.2, no ZED running): after the pull the pool stays
-    ONLINE with its sync thread retrying writes to the vanished device forever; ``zpool
-    clear`` alone only resets the counters (and then hangs waiting for that sync), while
-    ``zpool reopen`` reopens the vdev by its by-id path on the new device and the stuck
-    writes land. With ZED running the pool goes SUSPENDED instead, which ``zpool clear``
-    resumes. So: reopen, then clear, each bounded (a command stuck in the kernel is
-    abandoned, not waited for), failures only reported: the caller checks the health.
+    See ``revive_steps``. Each command is bounded (a command stuck in the kernel is
+    abandoned, not waited for); failures are only reported, after the pool's health
+    before the steps: the caller checks whether the session gets going again.
     """
+    health = await pool_health(runner, pool, timeout=timeout)
     problems: list[str] = []
-    for argv in (zargv.zpool_reopen(pool), zargv.zpool_clear(pool)):
+    for argv in revive_steps(health, pool):
         try:
             result = await runner.run(argv, timeout=timeout, check=False)
         except CommandTimeout as error:
@@ -160,7 +196,7 @@ async def revive_pool(runner: Runner, pool: str, *, timeout: float = REVIVE_TIME
         if result.returncode != 0:
             problems.append(str(parse.classify_error(result.argv, result.returncode,
                                                      result.stderr)))
-    return problems
+    return Revival(health, tuple(problems))
 
 
 class Session:
@@ -293,7 +329,8 @@ class Session:
             # follows the re-plugged disk: reopen and clear, then go on from its state.
             self._log.info("pool still imported from an earlier pull: reviving",
                            pool=row.name, health=row.health.value)
-            problems = await revive_pool(self._runner, row.name)
+            revival = await revive_pool(self._runner, row.name)
+            problems = revival.problems
             row = await self._find_imported()
             self._log.info("pool revived" if row and row.health is parse.PoolHealth.ONLINE
                            else "pool not revived", problems=problems or None,

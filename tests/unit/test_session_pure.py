@@ -10,15 +10,17 @@ from zbackupd.config import load_config
 from zbackupd.model import Encryption, Snapshot
 from zbackupd.plan import FullSend, IncrementalSend, Resume
 from zbackupd.session import (
+    Revival,
     held_snapshot_name,
     revive_pool,
+    revive_steps,
     run_snapshot_short_name,
     select_datasets,
     send_argv,
     snapshot_filter,
     up_to,
 )
-from zbackupd.zfs.parse import DatasetRow
+from zbackupd.zfs.parse import DatasetRow, PoolHealth
 from zbackupd.zfs.runner import CommandResult, CommandTimeout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,9 +71,11 @@ def test_own_snapshots_are_the_send_targets_in_create_mode() -> None:
 
 
 class ScriptedRunner:
-    """Answers each argv from a script: a return code and stderr, or a timeout."""
+    """Answers each argv by its subcommand: (return code, stderr[, stdout]), or None for
+    a timeout."""
 
-    def __init__(self, answers: dict[str, tuple[int, str] | None]) -> None:
+    def __init__(self, answers: dict[str, tuple[int, str] | tuple[int, str, str] | None]
+                 ) -> None:
         self.answers = answers
         self.calls: list[tuple[tuple[str, ...], float | None]] = []
 
@@ -88,27 +92,50 @@ class ScriptedRunner:
         answer = self.answers[argv[1]]
         if answer is None:
             raise CommandTimeout(argv, timeout or 0.0)
-        return CommandResult(tuple(argv), answer[0], b"", answer[1])
+        stdout = answer[2] if len(answer) == 3 else ""
+        return CommandResult(tuple(argv), answer[0], stdout.encode(), answer[1])
 
 
-async def test_revive_pool_reopens_then_clears_with_bounded_commands() -> None:
-    runner = ScriptedRunner({"reopen": (0, ""), "clear": (0, "")})
-    assert await revive_pool(runner, "zbk-a", timeout=7.0) == []
-    assert runner.calls == [
-        (("zpool", "reopen", "zbk-a"), 7.0),
-        (("zpool", "clear", "zbk-a"), 7.0),
+CAPTURES = REPO / "tests/data/zfs-output"
+#: Real ``zpool list`` output (OpenZFS 2.3.2 in the VM): spool SUSPENDED, xpool ONLINE.
+SUSPENDED_LISTING = (CAPTURES / "zpool-list-suspended.stdout").read_text()
+
+
+def test_every_revival_reopens_before_it_clears() -> None:
+    """``clear`` alone leaves a SUSPENDED pool on the dead device (seen in the VM)."""
+    for health in (PoolHealth.SUSPENDED, PoolHealth.ONLINE, None):
+        assert [a[1] for a in revive_steps(health, "p")] == ["reopen", "clear"]
+
+
+async def test_revive_pool_notes_the_health_then_reopens_and_clears_bounded() -> None:
+    runner = ScriptedRunner({"list": (0, "", SUSPENDED_LISTING), "reopen": (0, ""),
+                             "clear": (0, "")})
+    revival = await revive_pool(runner, "spool", timeout=7.0)
+    assert revival == Revival(PoolHealth.SUSPENDED, ())
+    assert [(argv[1], argv[-1], limit) for argv, limit in runner.calls] == [
+        ("list", "spool", 7.0), ("reopen", "spool", 7.0), ("clear", "spool", 7.0),
     ]
 
 
-async def test_revive_pool_reports_a_hung_reopen_and_still_clears() -> None:
+async def test_revive_pool_reports_a_hung_listing_and_a_failed_clear() -> None:
     runner = ScriptedRunner(
-        {"reopen": None, "clear": (1, "cannot clear errors for zbk-a: I/O error")}
+        {"list": None, "reopen": (0, ""), "clear": (1, "cannot clear errors for zbk-a: I/O error")}
     )
-    problems = await revive_pool(runner, "zbk-a", timeout=1.0)
-    assert len(problems) == 2
-    assert "did not finish within 1s" in problems[0]
-    assert "I/O error" in problems[1]
-    assert [argv[1] for argv, _ in runner.calls] == ["reopen", "clear"]
+    revival = await revive_pool(runner, "zbk-a", timeout=1.0)
+    assert revival.health_before is None
+    assert len(revival.problems) == 1
+    assert "I/O error" in revival.problems[0]
+    assert [argv[1] for argv, _ in runner.calls] == ["list", "reopen", "clear"]
+
+
+async def test_revive_pool_reports_a_hung_reopen_and_still_clears() -> None:
+    runner = ScriptedRunner({"list": (0, "", SUSPENDED_LISTING), "reopen": None,
+                             "clear": (0, "")})
+    revival = await revive_pool(runner, "xpool", timeout=1.0)
+    assert revival.health_before is PoolHealth.ONLINE
+    assert len(revival.problems) == 1
+    assert "did not finish within 1s" in revival.problems[0]
+    assert [argv[1] for argv, _ in runner.calls] == ["list", "reopen", "clear"]
 
 
 def test_a_run_sends_its_own_snapshot_not_a_concurrent_runs_newer_one() -> None:
