@@ -68,9 +68,14 @@ class RetentionResult:
         return tuple(kept.snapshot for kept in self.keep)
 
     def explain(self) -> str:
-        lines = [f"keep {kept.snapshot.name}: {', '.join(kept.reasons)}" for kept in self.keep]
-        lines += [f"destroy {snap.name}" for snap in self.destroy]
-        return "\n".join(lines)
+        return explain_partition(self.keep, self.destroy)
+
+
+def explain_partition(keep: Iterable[KeptSnapshot], destroy: Iterable[Snapshot]) -> str:
+    """One line per snapshot: ``keep <name>: <reasons>``, then ``destroy <name>``."""
+    lines = [f"keep {kept.snapshot.name}: {', '.join(kept.reasons)}" for kept in keep]
+    lines += [f"destroy {snap.name}" for snap in destroy]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)

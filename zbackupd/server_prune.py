@@ -36,7 +36,7 @@ from typing import Protocol
 from zbackupd.config import Config, Disk, Source
 from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.model import Bookmark, Snapshot
-from zbackupd.retention import KeptSnapshot
+from zbackupd.retention import KeptSnapshot, explain_partition
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.runner import CommandResult
@@ -99,8 +99,7 @@ class ServerPruneDecision:
         return tuple(snap.short_name for snap in self.destroy)
 
     def explain(self) -> str:
-        lines = [f"keep {kept.snapshot.name}: {', '.join(kept.reasons)}" for kept in self.keep]
-        return "\n".join([*lines, *(f"destroy {snap.name}" for snap in self.destroy)])
+        return explain_partition(self.keep, self.destroy)
 
 
 def select_own_for_destroy(

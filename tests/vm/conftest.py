@@ -25,6 +25,12 @@ _booted: list[Vm] = []
 UsbDiskFactory = Callable[..., UsbDisk]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``runs_last`` go after every other test of the shared VM: when one
+    fails it can leave a pool stuck in the kernel that would poison what follows."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

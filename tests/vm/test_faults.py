@@ -221,7 +221,15 @@ def _pool_state(vm: Vm, pool: str) -> str:
     return vm.run(f"cat /proc/spl/kstat/zfs/{pool}/state", check=False).stdout.strip()
 
 
-# Last in the module: when recovery fails the guest keeps processes stuck in the kernel.
+# Last of the whole VM suite: when recovery fails the guest keeps processes stuck in the
+# kernel. Non-strict xfail: see the reason; both cases passed in this session's runs.
+@pytest.mark.runs_last
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 4 open: pulled-disk recovery (zpool reopen + clear, retried) passed in "
+    "every run of session 2, ONLINE and SUSPENDED pools alike, but one run of session 1 "
+    "stayed stuck for a cause not seen since; not yet proven reliable over many runs",
+)
 @pytest.mark.parametrize(
     "away", ["briefly", "minutes"], ids=["replugged-soon", "replugged-after-minutes"]
 )
