@@ -222,13 +222,14 @@ def _pool_state(vm: Vm, pool: str) -> str:
 
 
 # Last of the whole VM suite: when recovery fails the guest keeps processes stuck in the
-# kernel. Non-strict xfail: see the reason; both cases passed in this session's runs.
+# kernel. Known bug, so non-strict xfail (see the reason).
 @pytest.mark.runs_last
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 4 open: pulled-disk recovery (zpool reopen + clear, retried) passed in "
-    "every run of session 2, ONLINE and SUSPENDED pools alike, but one run of session 1 "
-    "stayed stuck for a cause not seen since; not yet proven reliable over many runs",
+    reason="issue 4 open: re-plugged within ~1 min of the pool turning SUSPENDED, zpool "
+    "reopen + clear revives it (passed in session 2); re-plugged ~2 min after the pull, "
+    "the same steps, retried every 45 s, return but the receive stays stuck (failed in "
+    "session 2: the replugged-after-minutes case reproduces it)",
 )
 @pytest.mark.parametrize(
     "away", ["briefly", "minutes"], ids=["replugged-soon", "replugged-after-minutes"]
