@@ -138,7 +138,7 @@ def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
     )
 
 
-def revive_steps(health: parse.PoolHealth | None, pool: str) -> tuple[zargv.Argv, ...]:
+def revive_steps(pool: str) -> tuple[zargv.Argv, ...]:
     """What brings back a pool whose disk was pulled mid-write and is plugged in again.
 
     Measured in the VM (OpenZFS 2.3.2, no ZED): after the pull the pool stays ONLINE, its
@@ -147,10 +147,9 @@ def revive_steps(health: parse.PoolHealth | None, pool: str) -> tuple[zargv.Argv
     failure"). Either way the vdev still points at the dead block device: ``zpool
     reopen`` reopens it by its by-id path on the new device, then ``zpool clear`` resumes
     whatever was suspended. ``clear`` alone is not enough: on a SUSPENDED pool it returns
-    0 and the pool stays suspended (then ``zpool`` hangs logging its history). ``health``
-    is only for the record: the steps are the same.
+    0 and the pool stays suspended (then ``zpool`` hangs logging its history). So the
+    steps do not depend on the pool's health.
     """
-    del health
     return (zargv.zpool_reopen(pool), zargv.zpool_clear(pool))
 
 
@@ -187,7 +186,7 @@ async def revive_pool(runner: Runner, pool: str, *, timeout: float = REVIVE_TIME
     """
     health = await pool_health(runner, pool, timeout=timeout)
     problems: list[str] = []
-    for argv in revive_steps(health, pool):
+    for argv in revive_steps(pool):
         try:
             result = await runner.run(argv, timeout=timeout, check=False)
         except CommandTimeout as error:
