@@ -21,7 +21,9 @@ An own snapshot of one dataset is destroyed only when ALL of these hold:
 - it is older than every OTHER configured disk's cursor on the dataset: a snapshot at or
   after another disk's cursor may still be on its way to that disk (a partial receive
   waiting for ``zfs send -t``, whose target must exist; or a transfer whose cursor move
-  failed). Such snapshots go once that disk has backed up again.
+  failed). Such snapshots go once that disk has backed up again. The cursors are read
+  from a listing taken at prune time: a disk whose concurrent run has just finished has
+  its cursor on its newest snapshot, which therefore stays.
 
 Retention on the disks is ``retention.py``'s business: a different policy (a calendar
 grid) over different snapshots (the disk's).
@@ -190,6 +192,18 @@ class InUseEntry:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class InUseView:
+    """What other sessions' leases covered at one moment (a copy: later registrations
+    and releases do not change it)."""
+
+    entries: frozenset[InUseEntry] = frozenset()
+
+    def covered(self, snapshot_names: Iterable[str]) -> frozenset[str]:
+        """The subset of ``snapshot_names`` some entry covers."""
+        return frozenset(n for n in snapshot_names if any(e.covers(n) for e in self.entries))
+
+
 class InUseLease:
     """One session's registrations; ``release()`` when the session ends (idempotent)."""
 
@@ -218,7 +232,11 @@ class InUseLease:
     def in_use_by_others(self, snapshot_names: Iterable[str]) -> frozenset[str]:
         """Which of ``snapshot_names`` another live lease covers (this one's do not count:
         a session may prune what it no longer needs)."""
-        return self._registry.in_use(snapshot_names, excluding=self)
+        return self.others_now().covered(snapshot_names)
+
+    def others_now(self) -> InUseView:
+        """What the other live leases cover right now, frozen."""
+        return self._registry.view(excluding=self)
 
     def release(self) -> None:
         self._released = True
@@ -251,12 +269,17 @@ class InUseRegistry:
     def live_leases(self) -> tuple[InUseLease, ...]:
         return tuple(self._leases)
 
+    def view(self, *, excluding: InUseLease | None = None) -> InUseView:
+        """What the live leases (other than ``excluding``) cover right now, frozen."""
+        return InUseView(
+            frozenset(e for lease in self._leases if lease is not excluding for e in lease.entries)
+        )
+
     def in_use(
         self, snapshot_names: Iterable[str], *, excluding: InUseLease | None = None
     ) -> frozenset[str]:
         """The subset of ``snapshot_names`` some live lease (other than ``excluding``) covers."""
-        entries = [e for lease in self._leases if lease is not excluding for e in lease.entries]
-        return frozenset(name for name in snapshot_names if any(e.covers(name) for e in entries))
+        return self.view(excluding=excluding).covered(snapshot_names)
 
 
 # -- the shell: ask for holds, destroy in one call ----------------------------------------
@@ -271,15 +294,22 @@ class RemoteRunner(Protocol):
 async def prune_dataset(
     remote: RemoteRunner,
     dataset: str,
-    snapshots: Iterable[Snapshot],
     policy: OwnSnapshotPolicy,
     *,
     sent: Snapshot | None,
-    other_cursors: Iterable[Bookmark] = (),
-    in_use: Callable[[Iterable[str]], frozenset[str]] = lambda _: frozenset(),
+    other_cursor_names: Collection[str] = frozenset(),
+    in_use: Callable[[], InUseView] = InUseView,
     own_hold_tag: str | None = None,
 ) -> ServerPruneDecision:
     """Destroy ``dataset``'s prunable own snapshots on the server; returns the decision.
+
+    The server is listed afresh here (``-d 1``: snapshots and bookmarks), never taken from
+    the run's planning listing: another disk's run may have moved its cursor since (the
+    other disk's snapshot is then kept by that cursor). ``in_use`` is sampled BEFORE that
+    listing and again right before the destroy, and both samples protect: a session
+    releases its lease only after moving its cursor, so a lease gone at the first sample
+    means the cursor is already in the listing. ``other_cursor_names`` are the short names
+    (after ``#``) of the other configured disks' cursors.
 
     A candidate held only under ``own_hold_tag`` (this disk's tag) is older than what the
     disk now holds, so the hold is stale: an interrupted transfer kept it for a resume
@@ -288,33 +318,40 @@ async def prune_dataset(
     The listing does not show holds, so the candidates' holds are asked for (``zfs holds``)
     before one ``zfs destroy ds@a,b,c`` (atomic: one held snapshot would fail it all). If
     a candidate has vanished meanwhile (a concurrent run pruned it), the dataset is listed
-    again, once. ``in_use`` is asked again right before the destroy. Failures raise
-    ``ServerPruneFailed``.
+    again, once. Failures raise ``ServerPruneFailed``.
     """
-    listing = tuple(snapshots)
-    cursors = tuple(other_cursors)
+    early = in_use()
+    snapshots: tuple[Snapshot, ...] = ()
+    cursors: tuple[Bookmark, ...] = ()
+
+    async def look() -> None:
+        nonlocal snapshots, cursors
+        answer = await remote.run(zargv.list_snapshots_and_bookmarks([dataset]))
+        snapshots, bookmarks = parse.parse_versions(answer.text)
+        cursors = tuple(b for b in bookmarks if b.short_name in other_cursor_names)
 
     def decide(held: Collection[str] = frozenset()) -> ServerPruneDecision:
+        listed = [snap.name for snap in snapshots]
         return select_own_for_destroy(
             dataset,
-            listing,
+            snapshots,
             policy,
             sent=sent,
             held=held,
-            in_use=in_use(snap.name for snap in listing),
+            in_use=early.covered(listed) | in_use().covered(listed),
             other_cursors=cursors,
         )
 
     decision: ServerPruneDecision | None = None
     try:
+        await look()
         decision = decide()
         if not decision.destroy:
             return decision
         answer = await remote.run(zargv.holds(_full_names(decision)), check=False)
         if answer.returncode != 0:
             # A candidate is gone (a concurrent run pruned it first): look again, once.
-            fresh = await remote.run(zargv.list_snapshots([dataset]))
-            listing = parse.parse_snapshots(fresh.text)
+            await look()
             decision = decide()
             if not decision.destroy:
                 return decision

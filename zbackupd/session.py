@@ -525,7 +525,7 @@ class Session:
                     break
             if final is not None:
                 await self._move_cursor(remote, info, final, cursor)
-                await self._prune_server(remote, info, source, server, final)
+                await self._prune_server(remote, info, source, final)
             self._enter(Phase.PRUNING, info.target)
             await self._prune(info, final, cursor)
         except planner.PlanConflictError as error:
@@ -644,7 +644,6 @@ class Session:
         remote: RemoteHost,
         info: SourceDatasetInfo,
         source: Source,
-        server: DatasetState,
         final: Snapshot,
     ) -> None:
         """With the cursor at ``final``: destroy older own snapshots of the dataset on the
@@ -656,11 +655,10 @@ class Session:
             decision = await prune_dataset(
                 remote,
                 info.name,
-                server.snapshots,
                 OwnSnapshotPolicy(info.config.snapshot_prefix, source.keep_own_snapshots),
                 sent=final,
-                other_cursors=[b for b in server.bookmarks if b.short_name in others],
-                in_use=self._in_use.in_use_by_others,
+                other_cursor_names=others,
+                in_use=self._in_use.others_now,
                 own_hold_tag=names.hold_tag(self.disk.label),
             )
         except ServerPruneFailed as error:

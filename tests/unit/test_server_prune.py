@@ -302,18 +302,72 @@ class ScriptedRemote:
 OK = (0, "", "")
 
 
+def server_listing(
+    snaps: Sequence[Snapshot], marks: Sequence[Bookmark] = ()
+) -> tuple[int, str, str]:
+    """The answer of ``zfs list -t snapshot,bookmark -d 1`` (name, guid, createtxg, creation)."""
+    rows = [*snaps, *marks]
+    return 0, "".join(f"{v.name}\t{v.guid}\t{v.createtxg}\t0\n" for v in rows), ""
+
+
+LIST_ARGV = ("zfs", "list", "-H", "-p", "-t", "snapshot,bookmark", "-o",
+             "name,guid,createtxg,creation", "-s", "createtxg", "-d", "1", DATASET)
+
+
 async def test_holds_are_asked_for_then_one_destroy_spares_the_held() -> None:
     snaps = listing(HISTORY)
     holds = f"{DATASET}@{D2}\tkeep\t1795317598\n"
-    remote = ScriptedRemote({"holds": [(0, holds, "")], "destroy": [OK]})
-    decision = await prune_dataset(
-        remote, DATASET, snaps, OwnSnapshotPolicy(), sent=by_short(snaps, D4)
+    remote = ScriptedRemote(
+        {"list": [server_listing(snaps)], "holds": [(0, holds, "")], "destroy": [OK]}
     )
+    decision = await prune_dataset(remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4))
     assert decision.short_names == (D1, D3)
     assert remote.calls == [
+        LIST_ARGV,
         ("zfs", "holds", "-H", "-p", f"{DATASET}@{D1}", f"{DATASET}@{D2}", f"{DATASET}@{D3}"),
         ("zfs", "destroy", f"{DATASET}@{D1},{D3}"),
     ]
+
+
+async def test_the_other_disks_cursor_is_read_at_prune_time() -> None:
+    """Two disks' first runs at once: when this run prunes, the other has finished and its
+    cursor (made after this run's planning listing) is on D3, its newest. D3 stays."""
+    snaps = listing(HISTORY)
+    marks = [cursor(snaps, D3, "offsite-b"), cursor(snaps, D1, "retired")]
+    remote = ScriptedRemote(
+        {"list": [server_listing(snaps, marks)], "holds": [OK], "destroy": [OK]}
+    )
+    decision = await prune_dataset(
+        remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4),
+        other_cursor_names={"zbackupd_offsite-b"},
+    )
+    assert decision.short_names == (D1, D2)
+    assert {k.snapshot.short_name: k.reasons for k in decision.keep}[D3] == (
+        "another disk's cursor is not past it",
+    )
+
+
+async def test_a_lease_released_while_listing_still_protects() -> None:
+    """The other session ends (lease released) while the listing is under way, and the
+    listing predates its cursor: the sample taken before the listing keeps its snapshot."""
+    snaps = listing(HISTORY)
+    registry = InUseRegistry()
+    mine, theirs = registry.lease("run-a"), registry.lease("run-b")
+    theirs.protect([f"{DATASET}@{D3}"])
+
+    class ReleasingRemote(ScriptedRemote):
+        async def run(self, argv: Sequence[str], *, check: bool = True) -> CommandResult:
+            if argv[1] == "list":
+                theirs.release()
+            return await super().run(argv, check=check)
+
+    remote = ReleasingRemote({"list": [server_listing(snaps)], "holds": [OK], "destroy": [OK]})
+    decision = await prune_dataset(
+        remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4), in_use=mine.others_now
+    )
+    assert registry.in_use([f"{DATASET}@{D3}"]) == frozenset()
+    assert decision.short_names == (D1, D2)
+    assert remote.calls[-1] == ("zfs", "destroy", f"{DATASET}@{D1},{D2}")
 
 
 async def test_this_disks_stale_hold_is_released_then_pruned_others_spared() -> None:
@@ -322,36 +376,34 @@ async def test_this_disks_stale_hold_is_released_then_pruned_others_spared() -> 
     snaps = listing(HISTORY)
     holds = (f"{DATASET}@{D1}\tzbackupd_a\t1\n{DATASET}@{D2}\tzbackupd_b\t1\n"
              f"{DATASET}@{D3}\tzbackupd_a\t1\n")
-    remote = ScriptedRemote({"holds": [(0, holds, "")], "release": [OK], "destroy": [OK]})
+    remote = ScriptedRemote({"list": [server_listing(snaps)], "holds": [(0, holds, "")],
+                             "release": [OK], "destroy": [OK]})
     decision = await prune_dataset(
-        remote, DATASET, snaps, OwnSnapshotPolicy(), sent=by_short(snaps, D4),
+        remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4),
         own_hold_tag="zbackupd_a",
     )
     assert decision.short_names == (D1, D3)
-    assert remote.calls[1:] == [
+    assert remote.calls[2:] == [
         ("zfs", "release", "zbackupd_a", f"{DATASET}@{D1}", f"{DATASET}@{D3}"),
         ("zfs", "destroy", f"{DATASET}@{D1},{D3}"),
     ]
 
 
-async def test_nothing_to_prune_sends_nothing() -> None:
+async def test_nothing_to_prune_sends_only_the_listing() -> None:
     snaps = listing(f"manual {D1}")
-    remote = ScriptedRemote({})
-    decision = await prune_dataset(
-        remote, DATASET, snaps, OwnSnapshotPolicy(), sent=by_short(snaps, D1)
-    )
+    remote = ScriptedRemote({"list": [server_listing(snaps)]})
+    decision = await prune_dataset(remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D1))
     assert decision.destroy == ()
-    assert remote.calls == []
+    assert remote.calls == [LIST_ARGV]
 
 
 async def test_everything_held_sends_no_destroy() -> None:
     snaps = listing(f"{D1} {D2}")
-    remote = ScriptedRemote({"holds": [(0, f"{DATASET}@{D1}\tzbackupd_b\t1\n", "")]})
-    decision = await prune_dataset(
-        remote, DATASET, snaps, OwnSnapshotPolicy(), sent=by_short(snaps, D2)
-    )
+    remote = ScriptedRemote({"list": [server_listing(snaps)],
+                             "holds": [(0, f"{DATASET}@{D1}\tzbackupd_b\t1\n", "")]})
+    decision = await prune_dataset(remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D2))
     assert decision.destroy == ()
-    assert [call[1] for call in remote.calls] == ["holds"]
+    assert [call[1] for call in remote.calls] == ["list", "holds"]
 
 
 async def test_in_use_is_asked_again_right_before_the_destroy() -> None:
@@ -365,10 +417,9 @@ async def test_in_use_is_asked_again_right_before_the_destroy() -> None:
                 theirs.protect([f"{DATASET}@{D1}"])
             return await super().run(argv, check=check)
 
-    remote = RegisteringRemote({"holds": [OK], "destroy": [OK]})
+    remote = RegisteringRemote({"list": [server_listing(snaps)], "holds": [OK], "destroy": [OK]})
     decision = await prune_dataset(
-        remote, DATASET, snaps, OwnSnapshotPolicy(), sent=by_short(snaps, D4),
-        in_use=mine.in_use_by_others,
+        remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4), in_use=mine.others_now
     )
     assert decision.short_names == (D2, D3)
     assert remote.calls[-1] == ("zfs", "destroy", f"{DATASET}@{D2},{D3}")
@@ -377,31 +428,38 @@ async def test_in_use_is_asked_again_right_before_the_destroy() -> None:
 async def test_a_candidate_pruned_meanwhile_leads_to_one_fresh_listing() -> None:
     snaps = listing(HISTORY)
     gone = f"cannot open '{DATASET}@{D1}': dataset does not exist\n"
-    fresh = "".join(
-        f"{s.name}\t{s.guid}\t{s.createtxg}\t0\n" for s in snaps if s.short_name != D1
-    )
-    remote = ScriptedRemote(
-        {"holds": [(1, "", gone), OK], "list": [(0, fresh, "")], "destroy": [OK]}
-    )
-    decision = await prune_dataset(
-        remote, DATASET, snaps, OwnSnapshotPolicy(), sent=by_short(snaps, D4)
-    )
+    remote = ScriptedRemote({
+        "list": [server_listing(snaps), server_listing([s for s in snaps if s.short_name != D1])],
+        "holds": [(1, "", gone), OK],
+        "destroy": [OK],
+    })
+    decision = await prune_dataset(remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4))
     assert decision.short_names == (D2, D3)
-    assert [call[1] for call in remote.calls] == ["holds", "list", "holds", "destroy"]
-    assert remote.calls[1][-1] == DATASET
+    assert [call[1] for call in remote.calls] == ["list", "holds", "list", "holds", "destroy"]
+    assert remote.calls[2] == LIST_ARGV
 
 
 async def test_a_refused_destroy_raises_with_the_facts() -> None:
     snaps = listing(HISTORY)
     refused = "zbackupd-gate: refused: destroying is not allowed (allow_destroy = false)\n"
-    remote = ScriptedRemote({"holds": [OK], "destroy": [(126, "", refused)]})
+    remote = ScriptedRemote({"list": [server_listing(snaps)], "holds": [OK],
+                             "destroy": [(126, "", refused)]})
     with pytest.raises(ServerPruneFailed) as caught:
-        await prune_dataset(remote, DATASET, snaps, OwnSnapshotPolicy(), sent=by_short(snaps, D4))
+        await prune_dataset(remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4))
     error = caught.value
     assert error.dataset == DATASET
     assert error.snapshots == (f"{DATASET}@{D1}", f"{DATASET}@{D2}", f"{DATASET}@{D3}")
     assert isinstance(error.cause, parse.GateRefused)
     assert "allow_destroy = false" in str(error)
+
+
+async def test_a_failed_listing_raises_with_nothing_doomed() -> None:
+    remote = ScriptedRemote({"list": [(255, "", "ssh: connection lost\n")]})
+    snaps = listing(HISTORY)
+    with pytest.raises(ServerPruneFailed) as caught:
+        await prune_dataset(remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4))
+    assert caught.value.snapshots == ()
+    assert [call[1] for call in remote.calls] == ["list"]
 
 
 async def test_a_held_snapshot_as_real_zfs_reports_it() -> None:
@@ -415,9 +473,7 @@ async def test_a_held_snapshot_as_real_zfs_reports_it() -> None:
     renamed = holds.replace("@s1", "@zbackupd_20260101T000000Z").replace(
         "@s2", "@zbackupd_20260102T000000Z"
     )
-    remote = ScriptedRemote({"holds": [(0, renamed, "")]})
-    decision = await prune_dataset(
-        remote, "tank/secure", snaps, OwnSnapshotPolicy(), sent=snaps[2]
-    )
+    remote = ScriptedRemote({"list": [server_listing(snaps)], "holds": [(0, renamed, "")]})
+    decision = await prune_dataset(remote, "tank/secure", OwnSnapshotPolicy(), sent=snaps[2])
     assert decision.destroy == ()
     assert {kept.snapshot.guid: kept.reasons for kept in decision.keep}[1] == ("held",)

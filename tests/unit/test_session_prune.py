@@ -122,6 +122,12 @@ def server_state(dataset: str = "tank/a") -> tuple[DatasetState, Snapshot]:
     return DatasetState(dataset, snaps, marks), snaps[-1]
 
 
+def listed(state: DatasetState) -> tuple[int, str, str]:
+    """``state`` as ``zfs list -t snapshot,bookmark -d 1`` prints it."""
+    rows = [*state.snapshots, *state.bookmarks]
+    return 0, "".join(f"{v.name}\t{v.guid}\t{v.createtxg}\t0\n" for v in rows), ""
+
+
 def info(config: SourceDataset = CREATE, name: str = "tank/a") -> SourceDatasetInfo:
     return SourceDatasetInfo(name, Encryption.ENCRYPTED, f"zbackup/backup/backup/{name}", config)
 
@@ -140,12 +146,15 @@ async def test_the_run_snapshot_is_registered_before_it_is_taken() -> None:
 
 async def test_a_prune_spares_what_the_other_disk_may_need() -> None:
     registry = InUseRegistry()
-    remote = FakeRemote(registry)
     state, final = server_state()
+    remote = FakeRemote(registry, {"list": listed(state)})
     with structlog.testing.capture_logs() as logs:
-        await session(registry)._prune_server(remote_host(remote), info(), SOURCE, state, final)
-    # offsite-b's cursor is at day 2: days 2-4 may still be on their way to it.
-    assert remote.calls == [
+        await session(registry)._prune_server(remote_host(remote), info(), SOURCE, final)
+    # Listed afresh at prune time; offsite-b's cursor is at day 2: days 2-4 may still be on
+    # their way to it.
+    assert remote.calls[0][:2] == ("zfs", "list")
+    assert remote.calls[0][-1] == "tank/a"
+    assert remote.calls[1:] == [
         ("zfs", "holds", "-H", "-p", "tank/a@zbackupd_20260101T000000Z"),
         ("zfs", "destroy", "tank/a@zbackupd_20260101T000000Z"),
     ]
@@ -158,11 +167,11 @@ async def test_a_prune_spares_what_the_other_disk_may_need() -> None:
 async def test_a_refused_prune_warns_with_the_facts_and_does_not_raise() -> None:
     registry = InUseRegistry()
     refused = "zbackupd-gate: refused: destroying is not allowed (allow_destroy = false)\n"
-    remote = FakeRemote(registry, {"destroy": (126, "", refused)})
     state, final = server_state()
+    remote = FakeRemote(registry, {"list": listed(state), "destroy": (126, "", refused)})
     with structlog.testing.capture_logs() as logs:
         prune = session(registry, "offsite-b")._prune_server
-        await prune(remote_host(remote), info(), SOURCE, state, final)
+        await prune(remote_host(remote), info(), SOURCE, final)
     [warning] = [entry for entry in logs if entry["log_level"] == "warning"]
     assert "allow_destroy = false" in warning["event"]
     assert warning["dataset"] == "tank/a"
@@ -173,10 +182,10 @@ async def test_a_refused_prune_warns_with_the_facts_and_does_not_raise() -> None
 
 async def test_reuse_mode_prunes_nothing_on_the_server() -> None:
     registry = InUseRegistry()
-    remote = FakeRemote(registry)
     state, final = server_state("tank/b")
+    remote = FakeRemote(registry, {"list": listed(state)})
     prune = session(registry)._prune_server
-    await prune(remote_host(remote), info(REUSE, "tank/b"), SOURCE, state, final)
+    await prune(remote_host(remote), info(REUSE, "tank/b"), SOURCE, final)
     assert remote.calls == []
 
 
