@@ -154,18 +154,12 @@ def revive_steps(pool: str) -> tuple[zargv.Argv, ...]:
 
 
 async def pool_health(runner: Runner, pool: str, *, timeout: float) -> parse.PoolHealth | None:
-    """The pool's health from ``zpool list``, or None if that fails or hangs."""
+    """The pool's health, or None if asking fails or hangs (a pool whose disk was pulled
+    may block ``zpool``): the facade's question, bounded and never raising."""
     try:
-        result = await runner.run(zargv.zpool_list([pool]), timeout=timeout, check=False)
-    except CommandTimeout:
+        return await Zfs(runner, timeout=timeout).pool_health(pool)
+    except ZbackupdError:
         return None
-    if result.returncode != 0:
-        return None
-    try:
-        rows = parse.parse_pool_list(result.text)
-    except parse.ParseError:
-        return None
-    return next((row.health for row in rows if row.name == pool), None)
 
 
 @dataclass(frozen=True, slots=True)
