@@ -141,14 +141,17 @@ def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
 def revive_steps(pool: str) -> tuple[zargv.Argv, ...]:
     """What brings back a pool whose disk was pulled mid-write and is plugged in again.
 
-    Measured in the VM (OpenZFS 2.3.2, no ZED): after the pull the pool stays ONLINE, its
-    sync thread retrying writes to the vanished device (seen for over 10 minutes); under
-    the daemon it sometimes turns SUSPENDED ~90 s after the pull ("uncorrectable I/O
-    failure"). Either way the vdev still points at the dead block device: ``zpool
-    reopen`` reopens it by its by-id path on the new device, then ``zpool clear`` resumes
-    whatever was suspended. ``clear`` alone is not enough: on a SUSPENDED pool it returns
-    0 and the pool stays suspended (then ``zpool`` hangs logging its history). So the
-    steps do not depend on the pool's health.
+    Measured in the VM (OpenZFS 2.3.2, no ZED): after the pull the pool may stay ONLINE
+    for a while, its sync thread retrying writes to the vanished device, then it turns
+    SUSPENDED ("uncorrectable I/O failure"). The vdev still holds the dead block device.
+    While the pool is not yet suspended, ``zpool reopen`` reopens it by its by-id path on
+    the new device and ``zpool clear`` resumes. Once SUSPENDED, ``reopen`` is refused (the
+    ioctl checks for suspension) and ``clear`` reopens only a vdev already marked faulted
+    or unwritable, which a pulled disk's vdev is not: the resumed writes fail again and the
+    pool suspends again (issue 4, still open; a device-mapper layer that is re-pointed at
+    the new device is the fix measured by hand). So the steps are tried in this order and
+    do not depend on the pool's health; ``clear`` alone would also hang ``zpool`` logging
+    its history.
     """
     return (zargv.zpool_reopen(pool), zargv.zpool_clear(pool))
 

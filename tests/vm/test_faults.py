@@ -226,10 +226,12 @@ def _pool_state(vm: Vm, pool: str) -> str:
 @pytest.mark.runs_last
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 4 open: re-plugged within ~1 min of the pool turning SUSPENDED, zpool "
-    "reopen + clear revives it (passed in session 2); re-plugged ~2 min after the pull, "
-    "the same steps, retried every 45 s, return but the receive stays stuck (failed in "
-    "session 2: the replugged-after-minutes case reproduces it)",
+    reason="issue 4 open: once the pool is SUSPENDED, `zpool reopen` is refused (the "
+    "ioctl checks for suspension) and `zpool clear` reopens only a vdev already marked "
+    "faulted or unwritable; a pulled disk's vdev stays ONLINE on the dead block device, so "
+    "the resumed writes fail and the pool suspends again (session 3: stuck 793 s after a "
+    "replug 150 s after the pull). The fix measured by hand in session 3 is a "
+    "device-mapper layer between pool and disk, re-pointed at the new device on replug",
 )
 @pytest.mark.parametrize(
     "away", ["briefly", "minutes"], ids=["replugged-soon", "replugged-after-minutes"]
