@@ -71,6 +71,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from zbackupd.control import ControlServer
     from zbackupd.daemon import Daemon
+    from zbackupd.devmap import DeviceMapper
     from zbackupd.keys import KeyStore
     from zbackupd.logs import configure_logging
     from zbackupd.notify import notifier_from_environment, watchdog_interval
@@ -93,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         store=StateStore(config.daemon.state_dir),
         notifier=notifier,
         watcher_factory=lambda on_match: UdevWatcher(known, on_match),
+        device_mapper=DeviceMapper(runner),
         watchdog_interval=interval,
     )
     control = ControlServer(

@@ -22,6 +22,7 @@ import structlog
 
 from zbackupd import remote
 from zbackupd.config import Config, Disk, Source
+from zbackupd.devmap import DeviceMapper, DeviceMapperError, mapping_name
 from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.keys import KeyStore, MasterKey, WrongPassphrase
 from zbackupd.notify import Notifier
@@ -91,6 +92,7 @@ class Daemon:
         notifier: Notifier,
         watcher_factory: Callable[[Callable[[Match], None]], Watcher],
         power: DiskPower | None = None,
+        device_mapper: DeviceMapper | None = None,
         watchdog_interval: float | None = None,
     ) -> None:
         self.config = config
@@ -101,6 +103,8 @@ class Daemon:
         self._notifier = notifier
         self._watcher = watcher_factory(self._on_match)
         self._power = power or DiskPower()
+        #: Pools are imported through a mapping per disk (``devmap``); None: directly.
+        self._device_mapper = device_mapper
         self._watchdog_interval = watchdog_interval
         self._master: MasterKey | None = None
         self._client_key: asyncssh.SSHKey | None = None
@@ -303,6 +307,7 @@ class Daemon:
             session.replugged(import_device=event.import_path or "",
                               power_device=event.device_node or event.import_path or "")
             self._update(replace(session.status, message="disk is back: resuming"))
+        await self._repoint_mapping(disk, event)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RECOVERY_WAIT_SECONDS
         attempt = 0
@@ -338,6 +343,22 @@ class Daemon:
         log.info("continuing in a new session", disk=disk.serial, disk_label=disk.label)
         self._run_session_now(disk, event)
 
+    async def _repoint_mapping(self, disk: Disk, event: DiskEvent) -> None:
+        """Put the re-plugged disk back under its pool's mapping; the revive's ``zpool
+        clear`` then resumes the pool's I/O on it."""
+        if self._device_mapper is None or not event.import_path:
+            return
+        try:
+            mapped = await self._device_mapper.repoint_if_mapped(
+                mapping_name(disk.label), event.import_path)
+        except DeviceMapperError as error:
+            log.warning("re-pointing the mapping failed: the pool may need a restart",
+                        disk=disk.serial, disk_label=disk.label, error=str(error))
+            return
+        if mapped:
+            log.info("mapping re-pointed at the re-plugged disk", disk=disk.serial,
+                     disk_label=disk.label, device=event.import_path)
+
     # -- sessions ------------------------------------------------------------------------
 
     def _start_session(self, disk: Disk, event: DiskEvent) -> None:
@@ -359,6 +380,7 @@ class Daemon:
             report=self._session_report,
             pool_key=self._pool_key(disk),
             snapshots_in_use=self._snapshots_in_use,
+            device_mapper=self._device_mapper,
         )
         self._active[disk.label] = session
         self._sessions[disk.label] = asyncio.create_task(self._run_session(disk, session))

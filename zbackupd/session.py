@@ -26,6 +26,7 @@ import structlog
 
 from zbackupd import plan as planner
 from zbackupd.config import Config, Disk, Source, SourceDataset
+from zbackupd.devmap import DeviceMapper, DeviceMapperError, mapping_name
 from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.model import Bookmark, DatasetState, Encryption, Snapshot
 from zbackupd.power import DiskGone, PoweredOff
@@ -139,19 +140,19 @@ def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
 
 
 def revive_steps(pool: str) -> tuple[zargv.Argv, ...]:
-    """What brings back a pool whose disk was pulled mid-write and is plugged in again.
+    """What brings back a pool whose disk was pulled mid-write and is plugged in again,
+    once its device-mapper mapping points at the new device (``devmap``).
 
     Measured in the VM (OpenZFS 2.3.2, no ZED): after the pull the pool may stay ONLINE
     for a while, its sync thread retrying writes to the vanished device, then it turns
-    SUSPENDED ("uncorrectable I/O failure"). The vdev still holds the dead block device.
-    While the pool is not yet suspended, ``zpool reopen`` reopens it by its by-id path on
-    the new device and ``zpool clear`` resumes. Once SUSPENDED, ``reopen`` is refused (the
-    ioctl checks for suspension) and ``clear`` reopens only a vdev already marked faulted
-    or unwritable, which a pulled disk's vdev is not: the resumed writes fail again and the
-    pool suspends again (issue 4, still open; a device-mapper layer that is re-pointed at
-    the new device is the fix measured by hand). So the steps are tried in this order and
-    do not depend on the pool's health; ``clear`` alone would also hang ``zpool`` logging
-    its history.
+    SUSPENDED ("uncorrectable I/O failure"). While it is not suspended, ``zpool reopen``
+    reopens the vdev and ``zpool clear`` resumes. Once SUSPENDED, ``reopen`` is refused
+    (the ioctl checks for suspension) and ``clear`` reopens only a vdev already marked
+    faulted or unwritable, which a pulled disk's is not: without the mapping the vdev
+    stays on the dead block device and the pool suspends again at once. With it, the
+    vdev's block device is the mapping, now over the new disk, and ``clear`` resumes the
+    I/O there. So the steps do not depend on the pool's health (``clear`` alone would also
+    leave ``zpool`` hanging while it logs its history on a still-suspended pool).
     """
     return (zargv.zpool_reopen(pool), zargv.zpool_clear(pool))
 
@@ -212,6 +213,7 @@ class Session:
         report: Callable[[DiskStatus], None],
         pool_key: Callable[[], bytearray],
         snapshots_in_use: InUseRegistry,
+        device_mapper: DeviceMapper | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         run_id: str | None = None,
     ) -> None:
@@ -230,6 +232,10 @@ class Session:
         self._status = DiskStatus(disk.label, disk.serial, Phase.DETECTED, run_id=self.run_id)
         self._log = log.bind(disk=disk.serial, disk_label=disk.label, run_id=self.run_id)
         self._imported = False
+        #: The pool is imported from a device-mapper mapping over the disk (``devmap``):
+        #: what lets a pool suspended by a pull go on after the re-plug. None: directly.
+        self._device_mapper = device_mapper
+        self._mapped = False
         self._tally = _RunLog()
         #: The server snapshots this run relies on, so a concurrent run does not prune them.
         self._in_use = snapshots_in_use.lease(self.run_id)
@@ -268,6 +274,7 @@ class Session:
             finally:
                 if self._imported:
                     await self._close_pool()
+            await self._unmap()  # before the power-off, which proves nothing holds the disk
             await self._power_off()
             ok = not self._tally.problems
             outcome = "ok" if ok else "finished with problems: " + "; ".join(self._tally.problems)
@@ -290,6 +297,7 @@ class Session:
             self._enter(Phase.FAILED, outcome)
         finally:
             self._in_use.release()
+            await self._unmap()  # a failed import; never while the pool is imported
         finished = time.time()
         self._status = replace(
             self._status,
@@ -321,10 +329,11 @@ class Session:
         row = await self._find_imported()
         if row is not None:
             # Still imported: an earlier session lost its disk mid-write (we import with
-            # cachefile=none and always export). Its vdev path is a by-id link, so it
-            # follows the re-plugged disk: reopen and clear, then go on from its state.
+            # cachefile=none and always export). Point its mapping at the re-plugged
+            # disk, reopen and clear, then go on from its state.
             self._log.info("pool still imported from an earlier pull: reviving",
                            pool=row.name, health=row.health.value)
+            await self._repoint_mapping()
             revival = await revive_pool(self._runner, row.name)
             problems = revival.problems
             row = await self._find_imported()
@@ -334,7 +343,7 @@ class Session:
             if row is not None and row.health is parse.PoolHealth.SUSPENDED:
                 raise parse.PoolSuspended(zargv.zpool_reopen(row.name), 1, "; ".join(problems))
         if row is None:
-            await self._zfs.import_pool(self._import_device, self.disk.pool_guid)
+            await self._zfs.import_pool(await self._map_disk(), self.disk.pool_guid)
             row = await self._find_imported()
         if row is None:
             raise PoolIdentityMismatch(
@@ -346,6 +355,47 @@ class Session:
                 f"pool with GUID {self.disk.pool_guid} is named {row.name!r}, "
                 f"configured as {self.disk.pool_name!r}"
             )
+
+    async def _map_disk(self) -> str:
+        """The device to import from: the disk's mapping, or the disk itself when there
+        is no device-mapper (then a pull mid-write needs a restart to recover)."""
+        if self._device_mapper is None:
+            return self._import_device
+        try:
+            path = await self._device_mapper.map(mapping_name(self.disk.label),
+                                                 self._import_device)
+        except DeviceMapperError as error:
+            self._log.warning("importing without a device-mapper layer: a disk pulled "
+                              "mid-write will need a restart to finish", error=str(error))
+            return self._import_device
+        self._mapped = True
+        return path
+
+    async def _repoint_mapping(self) -> None:
+        """The disk is back under a new device node: point its mapping there."""
+        if self._device_mapper is None:
+            return
+        try:
+            mapped = await self._device_mapper.repoint_if_mapped(
+                mapping_name(self.disk.label), self._import_device)
+        except DeviceMapperError as error:
+            self._log.warning("re-pointing the mapping failed", error=str(error))
+            return
+        if not mapped:
+            return
+        self._mapped = True
+        self._log.info("mapping re-pointed at the re-plugged disk", device=self._import_device)
+
+    async def _unmap(self) -> None:
+        """Remove the mapping once the pool is exported (or was never imported)."""
+        if self._device_mapper is None or not self._mapped or self._imported:
+            return
+        try:
+            await self._device_mapper.unmap(mapping_name(self.disk.label))
+        except DeviceMapperError as error:
+            self._log.warning("device-mapper mapping not removed", error=str(error))
+            return
+        self._mapped = False
 
     async def _unlock(self) -> None:
         self._enter(Phase.UNLOCKING)

@@ -97,6 +97,7 @@ class DiskEvent:
     bus: str | None  # ID_BUS: "usb", "ata", "scsi", …
     by_id_link: str | None  # preferred /dev/disk/by-id/… link from DEVLINKS
     coldplug: bool = False
+    dm_name: str | None = None  # DM_NAME: a device-mapper device (zbackupd's own mapping…)
 
     @classmethod
     def from_properties(cls, props: Mapping[str, str], *, coldplug: bool = False) -> DiskEvent:
@@ -117,6 +118,7 @@ class DiskEvent:
             bus=_optional(props, "ID_BUS"),
             by_id_link=choose_by_id_link(_optional(props, "DEVLINKS")),
             coldplug=coldplug,
+            dm_name=_optional(props, "DM_NAME"),
         )
 
     @property
@@ -203,7 +205,9 @@ Match = NotOurs | Candidate | Impostor | SerialMismatch | Removed
 
 
 def _classify_present(event: DiskEvent, known: Sequence[DiskIdentity]) -> Match:
-    if not event.is_zfs_member:
+    # A device-mapper device is never a disk: it is zbackupd's own mapping over a disk it
+    # imports (``devmap``), whose creation and removal must not read as a plug or a pull.
+    if not event.is_zfs_member or event.dm_name is not None:
         return NotOurs(event)
     seen_guid = event.pool_guid
     by_guid = next((d for d in known if seen_guid is not None and d.pool_guid == seen_guid), None)

@@ -259,6 +259,36 @@ def test_impostor_reports_the_guid_it_saw() -> None:
     assert str(GUID_A) in result.describe()
 
 
+def mapping_props(guid: int, *, action: str = "add") -> dict[str, str]:
+    """zbackupd's own device-mapper mapping over a disk's pool partition: a zfs_member of a
+    known pool, without a serial (as udev reports dm-0 in the VM)."""
+    return {
+        "ACTION": action,
+        "DEVPATH": "/devices/virtual/block/dm-0",
+        "DEVNAME": "/dev/dm-0",
+        "DEVTYPE": "disk",
+        "DM_NAME": "zbackupd-offsite-a",
+        "DM_UUID": "",
+        "ID_FS_TYPE": "zfs_member",
+        "ID_FS_UUID": str(guid),
+        "ID_FS_LABEL": "xa",
+        "DEVLINKS": f"/dev/mapper/zbackupd-offsite-a /dev/disk/by-id/dm-name-zbackupd-offsite-a "
+        f"/dev/disk/by-uuid/{guid}",
+    }
+
+
+@pytest.mark.parametrize("action", ["add", "change", "remove"])
+def test_a_device_mapper_device_is_never_a_disk(action: str) -> None:
+    """Our own mapping appears and goes with every import: not a plug, a pull, or a disk
+    with the wrong serial."""
+    ev = event(mapping_props(GUID_A, action=action))
+    assert ev.dm_name == "zbackupd-offsite-a"
+    assert isinstance(match_disk(ev, KNOWN), NotOurs)
+    tracker = DiskTracker(KNOWN)
+    seen = tracker.observe(ev)
+    assert seen is None or isinstance(seen, NotOurs)
+
+
 def test_serial_mismatch_reports_the_serial_it_saw() -> None:
     result = match_disk(event(usb_partition_props("BRIDGE-LIES", GUID_A)), KNOWN)
     assert isinstance(result, SerialMismatch)

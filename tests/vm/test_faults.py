@@ -221,26 +221,30 @@ def _pool_state(vm: Vm, pool: str) -> str:
     return vm.run(f"cat /proc/spl/kstat/zfs/{pool}/state", check=False).stdout.strip()
 
 
-# Last of the whole VM suite: when recovery fails the guest keeps processes stuck in the
-# kernel. Known bug, so non-strict xfail (see the reason).
+def _stay_away_until_suspended(vm: Vm, disk: story.BackupDisk, latencies: list[float]) -> None:
+    """Long enough for ZFS to give up on the disk: the hard case, which no zpool command
+    alone recovers from. The daemon keeps answering and saying what to do meanwhile."""
+    deadline = time.monotonic() + SUSPEND_WAIT_SECONDS
+    while time.monotonic() < deadline and _pool_state(vm, disk.pool_name) != "SUSPENDED":
+        time.sleep(10)
+    assert f"re-plug disk {disk.label} to finish" in story.systemd_status_line(vm)
+    assert max([*latencies, _control_latency(vm)]) < 5.0
+    assert _pool_state(vm, disk.pool_name) == "SUSPENDED"
+
+
+# Last of the whole VM suite: if recovery ever fails, the guest keeps processes stuck in
+# the kernel, which must not poison the other tests.
 @pytest.mark.runs_last
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 4 open: once the pool is SUSPENDED, `zpool reopen` is refused (the "
-    "ioctl checks for suspension) and `zpool clear` reopens only a vdev already marked "
-    "faulted or unwritable; a pulled disk's vdev stays ONLINE on the dead block device, so "
-    "the resumed writes fail and the pool suspends again (session 3: stuck 793 s after a "
-    "replug 150 s after the pull). The fix measured by hand in session 3 is a "
-    "device-mapper layer between pool and disk, re-pointed at the new device on replug",
-)
 @pytest.mark.parametrize(
     "away", ["briefly", "minutes"], ids=["replugged-soon", "replugged-after-minutes"]
 )
 def test_disk_pulled_mid_transfer_finishes_after_replug(
     vm: Vm, server: BackupServer, installed: str, usb_disk: UsbDiskFactory, away: str
 ) -> None:
-    """Re-plugged within seconds, the pool is still ONLINE with its writes stuck; minutes
-    later it may be SUSPENDED. Both must end with the transfer finished (revive_steps)."""
+    """Re-plugged within seconds, the pool may still be ONLINE with its writes stuck;
+    minutes later it is SUSPENDED, where no zpool command can move the vdev to the new
+    device. Both must end with the transfer finished: the pool sits on a device-mapper
+    mapping (devmap) that is re-pointed at the re-plugged disk, then cleared."""
     serial = "ZBPULL01" if away == "briefly" else "ZBPULL02"
     usb = usb_disk(serial=serial, size=2 << 30)
     disk = story.init_disk(vm, usb, f"pulled-{serial[-1]}")
@@ -275,14 +279,10 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
         "zpool list -H -o name,health; ps -eo stat,wchan:24,args | grep '[z]fs receive' || true"
     ).stdout
     assert disk.pool_name in evidence  # still imported: the pending writes wait for the disk
+    mapping = f"zbackupd-{disk.label}"
+    assert f"/dev/mapper/{mapping}" in vm.run(f"dmsetup ls; ls -l /dev/mapper/{mapping}").stdout
     if away == "minutes":
-        # Long enough for ZFS to give up on the disk (SUSPENDED ~90 s after the pull under
-        # the daemon, though not always): the revival must work whatever state it is in.
-        deadline = time.monotonic() + SUSPEND_WAIT_SECONDS
-        while time.monotonic() < deadline and _pool_state(vm, disk.pool_name) != "SUSPENDED":
-            time.sleep(10)
-        assert f"re-plug disk {disk.label} to finish" in story.systemd_status_line(vm)
-        assert max([*latencies, _control_latency(vm)]) < 5.0
+        _stay_away_until_suspended(vm, disk, latencies)
     print(f"pulled after {at_pull.get('bytes_done')} bytes; daemon latency {latencies}; "
           f"pool {_pool_state(vm, disk.pool_name)} at re-plug; guest:\n{evidence}")
 
@@ -301,6 +301,9 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     journal = _journal(vm, f"DISK={usb.serial}")
     assert "pulled disk is back" in journal
     assert "pool revived after re-plug" in journal
+    assert "mapping re-pointed at the re-plugged disk" in journal
+    # The mapping went with the export, before the power-off.
+    assert vm.run(f"dmsetup table {mapping}", check=False).returncode != 0
     print(f"re-plugged: finished {time.monotonic() - pulled_at:.0f}s after the pull; "
           f"run sent {after['bytes_sent']} bytes")  # fmt: skip
 

@@ -87,6 +87,11 @@ _POOL_FEATURE_RE = re.compile(r"feature@[a-z_]{1,64}")
 _RESUME_TOKEN_RE = re.compile(r"[0-9]+-[0-9a-f]+-[0-9a-f]+-[0-9a-f]+")
 _MAX_RESUME_TOKEN_LENGTH = 65536
 _DEVICE_PATH_RE = re.compile(r"/dev/disk/by-id/[A-Za-z0-9][A-Za-z0-9_.:+@=-]*")
+#: What a pool is imported from: a by-id path, or zbackupd's own mapping over one
+#: (``devmap``: ``/dev/mapper/zbackupd-<label>``).
+_IMPORT_PATH_RE = re.compile(
+    r"/dev/disk/by-id/[A-Za-z0-9][A-Za-z0-9_.:+@=-]*|/dev/mapper/zbackupd-[A-Za-z0-9][A-Za-z0-9._+-]*"
+)
 
 
 class InvalidArgument(PermanentError):
@@ -812,14 +817,17 @@ def zpool_create(pool: str, device: str, *, force: bool = False) -> Argv:
 
 
 def zpool_import(device: str, pool_guid: int, *, temp_name: str | None = None) -> Argv:
-    """``zpool import -d <by-id partition> -N -o cachefile=none <guid> [tempname]``.
+    """``zpool import -d <device> -N -o cachefile=none <guid> [tempname]``.
 
-    By GUID (the identity), by a ``/dev/disk/by-id/`` path (a re-plugged disk comes
-    back under a new ``/dev/sdX`` and only a by-id vdev path can be ``zpool clear``ed
-    after a suspend), ``-N`` mounts nothing, no cachefile, and never ``-f``.
+    By GUID (the identity), from a stable path: zbackupd's device-mapper mapping over the
+    disk (``devmap``; what lets a pool suspended by a pull resume on the re-plugged disk)
+    or a ``/dev/disk/by-id/`` path (never ``/dev/sdX``, which changes on a re-plug).
+    ``-N`` mounts nothing, no cachefile, and never ``-f``.
     """
-    if not _DEVICE_PATH_RE.fullmatch(device) or "/../" in device or device.endswith("/.."):
-        raise InvalidArgument("device", device, "must be a /dev/disk/by-id/ path")
+    if not _IMPORT_PATH_RE.fullmatch(device) or "/../" in device or device.endswith("/.."):
+        raise InvalidArgument(
+            "device", device, "must be a /dev/disk/by-id/ path or /dev/mapper/zbackupd-*"
+        )
     tail = (names.validate_pool_name(temp_name),) if temp_name is not None else ()
     return (
         ZPOOL,
