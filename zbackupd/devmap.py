@@ -124,14 +124,14 @@ class DeviceMapper:
         self._runner = runner
         self._timeout = timeout
 
-    async def _run(self, what: str, argv: Argv) -> CommandResult:
+    async def _run(self, what: str, argv: Argv, *, check: bool = True) -> CommandResult:
+        """Run ``argv`` bounded; a hang, a missing program and (with ``check``) a non-zero
+        exit all become a ``DeviceMapperError`` naming ``what`` was being done."""
         try:
             result = await self._runner.run(argv, timeout=self._timeout, check=False)
-        except CommandTimeout as error:
+        except (CommandTimeout, CommandError, OSError) as error:  # OSError: not installed
             raise DeviceMapperError(what, argv, str(error)) from error
-        except (CommandError, OSError) as error:  # OSError: dmsetup is not installed
-            raise DeviceMapperError(what, argv, str(error)) from error
-        if result.returncode != 0:
+        if check and result.returncode != 0:
             raise DeviceMapperError(what, argv, result.stderr.strip() or
                                     f"exit code {result.returncode}")
         return result
@@ -145,12 +145,7 @@ class DeviceMapper:
         return linear_table(sectors, device)
 
     async def exists(self, name: str) -> bool:
-        try:
-            result = await self._runner.run(table_argv(name), timeout=self._timeout,
-                                            check=False)
-        except (CommandTimeout, CommandError, OSError) as error:
-            raise DeviceMapperError("looking up the mapping", table_argv(name),
-                                    str(error)) from error
+        result = await self._run("looking up the mapping", table_argv(name), check=False)
         return result.returncode == 0
 
     async def map(self, name: str, device: str) -> str:

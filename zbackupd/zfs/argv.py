@@ -90,7 +90,7 @@ _DEVICE_PATH_RE = re.compile(r"/dev/disk/by-id/[A-Za-z0-9][A-Za-z0-9_.:+@=-]*")
 #: What a pool is imported from: a by-id path, or zbackupd's own mapping over one
 #: (``devmap``: ``/dev/mapper/zbackupd-<label>``).
 _IMPORT_PATH_RE = re.compile(
-    r"/dev/disk/by-id/[A-Za-z0-9][A-Za-z0-9_.:+@=-]*|/dev/mapper/zbackupd-[A-Za-z0-9][A-Za-z0-9._+-]*"
+    _DEVICE_PATH_RE.pattern + r"|/dev/mapper/zbackupd-[A-Za-z0-9][A-Za-z0-9._+-]*"
 )
 
 
