@@ -1,7 +1,7 @@
 """Throughput of the transfer path against the OpenSSH client, same sshd, same run.
 
 Streams SIZE bytes of ``head -c SIZE /dev/zero`` from a real loopback sshd (a) through
-``zbackupd.transfer.stream`` into a local sink process, as a backup would, and (b) with
+``zbackupd.server.transfer.stream`` into a local sink process, as a backup would, and (b) with
 ``ssh host head -c SIZE /dev/zero > /dev/null``. Prints MiB/s of both and the ratio.
 Not a test: absolute numbers depend on the machine; the ratio is what to compare.
 
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from tests.integration.sshd import OpenSshServer, run_openssh_server
-from zbackupd.remote import connect
-from zbackupd.transfer import stream
+from zbackupd.server.remote import connect
+from zbackupd.server.transfer import stream
 from zbackupd.zfs.runner import LocalRunner
 
 MiB = 1024 * 1024

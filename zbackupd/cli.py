@@ -21,7 +21,7 @@ from zbackupd import __version__
 
 if TYPE_CHECKING:
     from zbackupd.config import Config
-    from zbackupd.secret import SecretBytes
+    from zbackupd.keys.secret import SecretBytes
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -42,7 +42,7 @@ def _read_passphrase(
 ) -> SecretBytes:
     """From the terminal (echo off), or one line on stdin with ``--passphrase-stdin``."""
     from zbackupd.errors import PermanentError
-    from zbackupd.secret import prompt_secret, read_secret
+    from zbackupd.keys.secret import prompt_secret, read_secret
 
     if args.passphrase_stdin:
         return read_secret(sys.stdin.fileno(), source="stdin")
@@ -69,14 +69,14 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from zbackupd.control import ControlServer
-    from zbackupd.daemon import Daemon
-    from zbackupd.devmap import DeviceMapper
-    from zbackupd.keys import KeyStore
-    from zbackupd.logs import configure_logging
-    from zbackupd.notify import notifier_from_environment, watchdog_interval
-    from zbackupd.store import StateStore
-    from zbackupd.udev import UdevWatcher
+    from zbackupd.disk.devmap import DeviceMapper
+    from zbackupd.disk.udev import UdevWatcher
+    from zbackupd.keys.derivation import KeyStore
+    from zbackupd.service.control import ControlServer
+    from zbackupd.service.daemon import Daemon
+    from zbackupd.service.logs import configure_logging
+    from zbackupd.service.notify import notifier_from_environment, watchdog_interval
+    from zbackupd.service.store import StateStore
     from zbackupd.zfs.facade import Zfs
     from zbackupd.zfs.runner import LocalRunner
 
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from zbackupd.control import request
+    from zbackupd.service.control import request
 
     config = _load(args)
     result = asyncio.run(request(config.daemon.control_socket, "status"))
@@ -124,7 +124,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _unlock(args: argparse.Namespace) -> int:
-    from zbackupd.control import request
+    from zbackupd.service.control import request
 
     config = _load(args)
     with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
@@ -134,7 +134,7 @@ def _unlock(args: argparse.Namespace) -> int:
 
 
 def _keysetup(args: argparse.Namespace) -> int:
-    from zbackupd.keys import KeyStore, calibrate
+    from zbackupd.keys.derivation import KeyStore, calibrate
 
     config = _load(args)
     store = KeyStore(config.daemon.keys_dir)
@@ -148,8 +148,8 @@ def _keysetup(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from zbackupd.keys import KeyStore
-    from zbackupd.sshkey import authorized_keys_line, generate_identity
+    from zbackupd.keys.derivation import KeyStore
+    from zbackupd.keys.sshkey import authorized_keys_line, generate_identity
 
     config = _load(args)
     with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
@@ -162,7 +162,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _recovery_key(args: argparse.Namespace) -> int:
     from zbackupd.errors import PermanentError
-    from zbackupd.keys import KeyStore
+    from zbackupd.keys.derivation import KeyStore
 
     config = _load(args)
     disk = config.disk_by_label(args.label)
@@ -179,14 +179,14 @@ def _recovery_key(args: argparse.Namespace) -> int:
 
 
 def _init_disk(args: argparse.Namespace) -> int:
-    from zbackupd.initdisk import (
+    from zbackupd.disk.initdisk import (
         check_device,
         config_snippet,
         device_facts,
         init_disk,
         pyudev_properties,
     )
-    from zbackupd.keys import KeyStore
+    from zbackupd.keys.derivation import KeyStore
     from zbackupd.zfs import names
     from zbackupd.zfs.facade import Zfs
     from zbackupd.zfs.runner import LocalRunner
@@ -218,7 +218,7 @@ def _init_disk(args: argparse.Namespace) -> int:
 
 
 def _udev_rule(args: argparse.Namespace) -> int:
-    from zbackupd.udevrule import udev_rule
+    from zbackupd.disk.udevrule import udev_rule
 
     config = _load(args)
     print(udev_rule(disk.serial for disk in config.disks), end="")

@@ -35,8 +35,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from zbackupd.core.model import DiskIdentity
 from zbackupd.errors import PermanentError
-from zbackupd.model import DiskIdentity
 from zbackupd.zfs import names
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/zbackupd/zbackupd.toml")

@@ -31,7 +31,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from zbackupd.remote import SshTarget
+from zbackupd.server.remote import SshTarget
 
 SSHD = "/usr/sbin/sshd"
 CHUNK = 256 * 1024

@@ -15,11 +15,11 @@ import pytest
 
 from tests.integration.sshd import OpenSshServer, run_openssh_server
 from tests.integration.stub_zfs import SEND_SIZE, StubZfs, install_stub_zfs, send_payload
-from zbackupd import gate
+from zbackupd.core.model import Encryption
 from zbackupd.errors import CommandError
-from zbackupd.model import Encryption
-from zbackupd.remote import connect
-from zbackupd.transfer import stream
+from zbackupd.server import gate
+from zbackupd.server.remote import connect
+from zbackupd.server.transfer import stream
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import parse
 from zbackupd.zfs.runner import LocalRunner

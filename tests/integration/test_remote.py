@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests.integration.sshd import FakeServer, fake_server
 from zbackupd.errors import CommandError, TransientError
-from zbackupd.remote import (
+from zbackupd.server.remote import (
     AuthenticationRejected,
     HostKeyRejected,
     InvalidHostKey,

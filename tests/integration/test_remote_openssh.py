@@ -11,8 +11,8 @@ import pytest
 
 from tests.integration.sshd import OpenSshServer, openssh_server, run_openssh_server
 from zbackupd.errors import CommandError
-from zbackupd.remote import HostKeyRejected, connect
-from zbackupd.transfer import TransferFailed, stream
+from zbackupd.server.remote import HostKeyRejected, connect
+from zbackupd.server.transfer import TransferFailed, stream
 from zbackupd.zfs.runner import LocalRunner
 
 __all__ = ["openssh_server"]  # the fixture, imported for pytest

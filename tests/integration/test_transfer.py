@@ -20,8 +20,8 @@ import pytest
 
 from tests.integration.sshd import FakeServer, fake_server
 from zbackupd.errors import CommandError
-from zbackupd.remote import RemoteHost, RemoteUnavailable, connect
-from zbackupd.transfer import TransferFailed, TransferProgress, stream
+from zbackupd.server.remote import RemoteHost, RemoteUnavailable, connect
+from zbackupd.server.transfer import TransferFailed, TransferProgress, stream
 from zbackupd.zfs.parse import DestinationModified
 from zbackupd.zfs.runner import LocalRunner
 
@@ -283,8 +283,8 @@ async def test_receive_stderr_is_classified_by_the_zfs_parser_by_default(
 SIGTERM_CHILD = """
 import asyncio, json, signal, sys
 import asyncssh
-from zbackupd.remote import SshTarget, connect
-from zbackupd.transfer import stream
+from zbackupd.server.remote import SshTarget, connect
+from zbackupd.server.transfer import stream
 from zbackupd.zfs.runner import LocalRunner
 
 async def main() -> int:

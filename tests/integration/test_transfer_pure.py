@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zbackupd.errors import CommandError
-from zbackupd.remote import RemoteUnavailable
-from zbackupd.transfer import Side, TransferProgress, _Outcome, blame, next_progress
+from zbackupd.server.remote import RemoteUnavailable
+from zbackupd.server.transfer import Side, TransferProgress, _Outcome, blame, next_progress
 from zbackupd.zfs.runner import CommandResult
 
 OK = _Outcome(CommandResult(("x",), 0, b"", ""), None)

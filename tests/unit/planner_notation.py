@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zbackupd.model import Bookmark, DatasetState, Snapshot
-from zbackupd.plan import (
+from zbackupd.core.model import Bookmark, DatasetState, Snapshot
+from zbackupd.core.plan import (
     DatasetPlan,
     FullSend,
     IncrementalSend,

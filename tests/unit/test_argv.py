@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zbackupd.model import Encryption
+from zbackupd.core.model import Encryption
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names
 from zbackupd.zfs.argv import InvalidArgument, Refusal, RemoteCommand, RemoteKind

@@ -20,8 +20,8 @@ from zbackupd.config import (
     load_config,
     parse_config,
 )
+from zbackupd.core.model import DiskIdentity
 from zbackupd.errors import PermanentError
-from zbackupd.model import DiskIdentity
 
 REPO = Path(__file__).resolve().parents[2]
 #: Daemon configurations; ``gate.toml`` is the server-side gate's (validated in test_gate).

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from zbackupd.control import ControlError, ControlServer, DaemonNotRunning, request
 from zbackupd.errors import PermanentError
+from zbackupd.service.control import ControlError, ControlServer, DaemonNotRunning, request
 
 
 class Daemon:

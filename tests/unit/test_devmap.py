@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_session_prune import session  # a Session that never reaches a disk
 
-from zbackupd.devmap import (
+from zbackupd.disk.devmap import (
     DeviceMapper,
     DeviceMapperError,
     InvalidMappingName,
@@ -23,8 +23,8 @@ from zbackupd.devmap import (
     mapping_name,
     parse_sectors,
 )
-from zbackupd.server_prune import InUseRegistry
-from zbackupd.session import Session
+from zbackupd.server.prune import InUseRegistry
+from zbackupd.service.session import Session
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs.runner import CommandResult, CommandTimeout
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from zbackupd.model import Snapshot
+from zbackupd.core.model import Snapshot
 from zbackupd.zfs import parse
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import CommandResult, CommandTimeout, LocalRunner

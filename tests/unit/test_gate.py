@@ -27,8 +27,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zbackupd import gate
-from zbackupd.model import Encryption
+from zbackupd.core.model import Encryption
+from zbackupd.server import gate
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names
 
@@ -501,7 +501,7 @@ def test_a_bare_zfs_name_is_looked_up_in_the_safe_path_only(tmp_path: Path) -> N
         config = tmp_path / f"{program}.toml"
         config.write_text(f'roots = ["tank/data"]\nzfs = "{program}"\n')
         return subprocess.run(
-            [sys.executable, "-m", "zbackupd.gate", "--config", str(config)],
+            [sys.executable, "-m", "zbackupd.server.gate", "--config", str(config)],
             env={"PATH": str(planted), "SSH_ORIGINAL_COMMAND": f"zfs holds -H -p {SNAP}"},
             capture_output=True,
             text=True,
@@ -523,8 +523,10 @@ def test_a_bare_zfs_name_is_looked_up_in_the_safe_path_only(tmp_path: Path) -> N
 STANDALONE_FILES = (
     "zbackupd/__init__.py",
     "zbackupd/errors.py",
-    "zbackupd/model.py",
-    "zbackupd/gate.py",
+    "zbackupd/core/__init__.py",
+    "zbackupd/core/model.py",
+    "zbackupd/server/__init__.py",
+    "zbackupd/server/gate.py",
     "zbackupd/zfs/__init__.py",
     "zbackupd/zfs/names.py",
     "zbackupd/zfs/argv.py",
@@ -536,7 +538,7 @@ def test_importing_the_gate_pulls_in_nothing_but_the_standard_library() -> None:
         "import json, sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "before = set(sys.modules)\n"
-        "import zbackupd.gate\n"
+        "import zbackupd.server.gate\n"
         "print(json.dumps(sorted(set(sys.modules) - before)))\n"
     )
     # -S: no site-packages at all; -I: no PYTHONPATH, no user site.
@@ -564,7 +566,7 @@ def test_the_gate_runs_from_a_standalone_zipapp_with_no_site_packages(tmp_path: 
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, source / name)
     (source / "__main__.py").write_text(
-        "import sys\nfrom zbackupd.gate import main\nsys.exit(main())\n"
+        "import sys\nfrom zbackupd.server.gate import main\nsys.exit(main())\n"
     )
     archive = tmp_path / "zbackupd-gate.pyz"
     zipapp.create_archive(source, archive)

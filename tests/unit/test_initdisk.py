@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from zbackupd.config import parse_config
-from zbackupd.initdisk import (
+from zbackupd.disk.initdisk import (
     DeviceFacts,
     UnsuitableDevice,
     check_blank,

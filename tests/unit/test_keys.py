@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from zbackupd import keys
-from zbackupd.keys import (
+from zbackupd.keys import derivation as keys
+from zbackupd.keys.derivation import (
     InvalidDiskLabel,
     InvalidRecoveryKey,
     KdfParams,
@@ -39,7 +39,7 @@ from zbackupd.keys import (
     derive_master_key,
     parse_recovery_key,
 )
-from zbackupd.secret import (
+from zbackupd.keys.secret import (
     FileExistsRefused,
     SecretBytes,
     SecretInputError,

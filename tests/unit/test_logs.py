@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from zbackupd.logs import (
+from zbackupd.service.logs import (
     JournalWriter,
     configure_logging,
     encode_journal_fields,

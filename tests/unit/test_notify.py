@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zbackupd.notify import (
+from zbackupd.service.notify import (
     NotifyError,
     NullNotifier,
     SocketNotifier,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from zbackupd.core.model import Bookmark, Encryption, Hold, Snapshot
 from zbackupd.errors import CommandError
-from zbackupd.model import Bookmark, Encryption, Hold, Snapshot
 from zbackupd.zfs import parse
 from zbackupd.zfs.parse import ParseError
 

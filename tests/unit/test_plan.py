@@ -16,9 +16,8 @@ from planner_notation import (
     server,
 )
 
-from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.model import Bookmark, DatasetState, Encryption, Snapshot
-from zbackupd.plan import (
+from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
+from zbackupd.core.plan import (
     DatasetPlan,
     Diverged,
     EncryptionModeMismatch,
@@ -36,6 +35,7 @@ from zbackupd.plan import (
     plan_dataset,
     select_sendable,
 )
+from zbackupd.errors import PermanentError, ZbackupdError
 
 ALL = SendPolicy.ALL_INTERMEDIATES
 NEWEST = SendPolicy.NEWEST_ONLY

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from zbackupd.power import (
+from zbackupd.disk.power import (
     DiskGone,
     DiskPower,
     DiskStillInUse,

@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zbackupd.errors import PermanentError
-from zbackupd.model import Bookmark, Hold, Snapshot
-from zbackupd.retention import (
+from zbackupd.core.model import Bookmark, Hold, Snapshot
+from zbackupd.core.retention import (
     RetentionInputError,
     RetentionPolicy,
     protections,
     select_for_destroy,
 )
+from zbackupd.errors import PermanentError
 
 
 def at(text: str) -> datetime:

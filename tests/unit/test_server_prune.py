@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zbackupd.config import load_config
+from zbackupd.core.model import Bookmark, Snapshot
 from zbackupd.errors import PermanentError
-from zbackupd.model import Bookmark, Snapshot
-from zbackupd.server_prune import (
+from zbackupd.server.prune import (
     InUseRegistry,
     OwnSnapshotPolicy,
     ServerPruneFailed,

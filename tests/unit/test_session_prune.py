@@ -12,10 +12,10 @@ from typing import cast
 import structlog
 
 from zbackupd.config import SourceDataset, parse_config
-from zbackupd.model import Bookmark, DatasetState, Encryption, Snapshot
-from zbackupd.remote import RemoteHost
-from zbackupd.server_prune import InUseRegistry
-from zbackupd.session import Connector, PowerSwitch, Session, SourceDatasetInfo
+from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
+from zbackupd.server.prune import InUseRegistry
+from zbackupd.server.remote import RemoteHost
+from zbackupd.service.session import Connector, PowerSwitch, Session, SourceDatasetInfo
 from zbackupd.zfs import parse
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import CommandResult

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from zbackupd.config import load_config
-from zbackupd.model import Encryption, Snapshot
-from zbackupd.plan import FullSend, IncrementalSend, Resume
-from zbackupd.session import (
+from zbackupd.core.model import Encryption, Snapshot
+from zbackupd.core.plan import FullSend, IncrementalSend, Resume
+from zbackupd.service.session import (
     Revival,
     held_snapshot_name,
     revive_pool,

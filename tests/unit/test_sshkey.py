@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from zbackupd.keys import KdfParams, derive_master_key
-from zbackupd.secret import SecretBytes
-from zbackupd.sshkey import (
+from zbackupd.keys.derivation import KdfParams, derive_master_key
+from zbackupd.keys.secret import SecretBytes
+from zbackupd.keys.sshkey import (
     IdentityError,
     IdentityExists,
     IdentityMissing,

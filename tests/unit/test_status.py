@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from zbackupd.status import (
+from zbackupd.core.status import (
     DaemonStatus,
     DiskStatus,
     Phase,

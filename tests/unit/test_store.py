@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from zbackupd.secret import write_file_atomically
-from zbackupd.store import (
+from zbackupd.keys.secret import write_file_atomically
+from zbackupd.service.store import (
     HISTORY_PER_DISK,
     DatasetResult,
     RunRecord,

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import pytest
 
-from zbackupd.model import DiskIdentity
-from zbackupd.udev import (
+from zbackupd.core.model import DiskIdentity
+from zbackupd.disk.udev import (
     Candidate,
     DiskEvent,
     DiskTracker,

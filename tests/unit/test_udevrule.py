@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from zbackupd.config import load_config
-from zbackupd.udevrule import UnsafeSerial, udev_rule
+from zbackupd.disk.udevrule import UnsafeSerial, udev_rule
 
 
 def test_one_line_per_serial_sorted_and_deduplicated() -> None:

@@ -10,7 +10,7 @@ pool first stays ONLINE while its sync thread retries writes to the vanished dev
 receive waits on it in the kernel); about 90 s later ZFS gives up and SUSPENDs the pool.
 Re-plugged before that, only ``zpool reopen`` picks the disk up (``zpool clear`` alone
 would wait for the stuck sync); after it, ``zpool clear`` resumes the suspended pool. The
-pulled-disk test covers both. See ``zbackupd.session.revive_steps``.
+pulled-disk test covers both. See ``zbackupd.service.session.revive_steps``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ TIMEOUT_STOP_SECONDS = 180
 #: without the seconds the CLI spends importing Python modules under TCG.
 _TIMED_STATUS = (
     "import asyncio, pathlib, time\n"
-    "from zbackupd.control import request\n"
+    "from zbackupd.service.control import request\n"
     "started = time.monotonic()\n"
     "asyncio.run(request(pathlib.Path('/run/zbackupd/control.sock'), 'status', timeout=60))\n"
     "print(time.monotonic() - started)\n"

@@ -24,9 +24,9 @@ HERE = Path(__file__).resolve().parent
 DERIVE_SECRETS = r"""
 import sys
 from zbackupd.config import load_config
-from zbackupd.keys import KeyStore
-from zbackupd.secret import read_secret
-from zbackupd.sshkey import load_identity
+from zbackupd.keys.derivation import KeyStore
+from zbackupd.keys.secret import read_secret
+from zbackupd.keys.sshkey import load_identity
 
 config = load_config(__import__("pathlib").Path("/etc/zbackupd/zbackupd.toml"))
 passphrase = read_secret(0)

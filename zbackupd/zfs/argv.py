@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from zbackupd.core.model import Encryption
 from zbackupd.errors import PermanentError
-from zbackupd.model import Encryption
 from zbackupd.zfs import names
 from zbackupd.zfs.names import InvalidName
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from zbackupd.model import Bookmark, DatasetState, Hold, Snapshot
+from zbackupd.core.model import Bookmark, DatasetState, Hold, Snapshot
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.runner import CommandResult, Runner

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from zbackupd.core.model import Bookmark, Encryption, Hold, Snapshot
 from zbackupd.errors import CommandError, PermanentError
-from zbackupd.model import Bookmark, Encryption, Hold, Snapshot
 from zbackupd.zfs import names
 from zbackupd.zfs.names import InvalidName
 

@@ -9,7 +9,7 @@ stderr, a line in syslog/journal, a non-zero exit.
 
 Standard library only: it runs on a server that may have nothing but ``python3``. It
 imports ``zbackupd.errors``, ``zbackupd.zfs.names`` and ``zbackupd.zfs.argv`` (and
-``zbackupd.model``, which argv uses), never the daemon's dependencies.
+``zbackupd.core.model``, which argv uses), never the daemon's dependencies.
 """
 
 from __future__ import annotations

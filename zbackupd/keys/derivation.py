@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from zbackupd.errors import PermanentError
-from zbackupd.secret import (
+from zbackupd.keys.secret import (
     SecretBytes,
     ensure_private_dir,
     fsync_directory,

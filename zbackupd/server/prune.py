@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from zbackupd.config import Config, Disk, Source
+from zbackupd.core.model import Bookmark, Snapshot
+from zbackupd.core.retention import KeptSnapshot, explain_partition
 from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.model import Bookmark, Snapshot
-from zbackupd.retention import KeptSnapshot, explain_partition
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.runner import CommandResult

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from zbackupd.errors import CommandError, ZbackupdError
-from zbackupd.remote import (
+from zbackupd.server.remote import (
     Classifier,
     RemoteHost,
     RemoteStream,

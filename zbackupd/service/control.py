@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from zbackupd.errors import PermanentError, TransientError, ZbackupdError
-from zbackupd.secret import wipe
+from zbackupd.keys.secret import wipe
 
 MAX_HEADER_BYTES = 4096
 MAX_SECRET_BYTES = 4096

@@ -18,7 +18,7 @@ from typing import Final
 import asyncssh
 
 from zbackupd.errors import PermanentError
-from zbackupd.secret import ensure_private_dir, write_file_atomically
+from zbackupd.keys.secret import ensure_private_dir, write_file_atomically
 
 #: bcrypt-pbkdf rounds for the private key file. The passphrase is 256 random bits from
 #: HKDF, so rounds add no security against guessing it; 50 is the least the bcrypt

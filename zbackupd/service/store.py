@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from zbackupd.errors import PermanentError
-from zbackupd.secret import ensure_private_dir, write_file_atomically
+from zbackupd.keys.secret import ensure_private_dir, write_file_atomically
 
 STATE_VERSION = 1
 HISTORY_PER_DISK = 50

@@ -22,8 +22,8 @@ from typing import Protocol
 
 import structlog
 
+from zbackupd.core.model import DiskIdentity
 from zbackupd.errors import PermanentError, TransientError
-from zbackupd.model import DiskIdentity
 
 log = structlog.get_logger(__name__)
 

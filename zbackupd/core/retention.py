@@ -14,8 +14,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
+from zbackupd.core.model import Bookmark, Hold, Snapshot
 from zbackupd.errors import PermanentError
-from zbackupd.model import Bookmark, Hold, Snapshot
 
 
 class RetentionInputError(PermanentError):

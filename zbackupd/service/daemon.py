@@ -20,21 +20,11 @@ from typing import Any, Protocol
 import asyncssh
 import structlog
 
-from zbackupd import remote
 from zbackupd.config import Config, Disk, Source
-from zbackupd.devmap import DeviceMapper, DeviceMapperError, mapping_name
-from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.keys import KeyStore, MasterKey, WrongPassphrase
-from zbackupd.notify import Notifier
-from zbackupd.power import DiskPower
-from zbackupd.remote import RemoteHost
-from zbackupd.secret import SecretBytes, read_secret
-from zbackupd.server_prune import InUseRegistry
-from zbackupd.session import Session, revive_pool
-from zbackupd.sshkey import load_identity
-from zbackupd.status import DaemonStatus, DiskStatus, Phase, as_dict, status_line
-from zbackupd.store import StateStore
-from zbackupd.udev import (
+from zbackupd.core.status import DaemonStatus, DiskStatus, Phase, as_dict, status_line
+from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapping_name
+from zbackupd.disk.power import DiskPower
+from zbackupd.disk.udev import (
     Candidate,
     DiskEvent,
     Impostor,
@@ -43,6 +33,16 @@ from zbackupd.udev import (
     Removed,
     SerialMismatch,
 )
+from zbackupd.errors import PermanentError, ZbackupdError
+from zbackupd.keys.derivation import KeyStore, MasterKey, WrongPassphrase
+from zbackupd.keys.secret import SecretBytes, read_secret
+from zbackupd.keys.sshkey import load_identity
+from zbackupd.server import remote
+from zbackupd.server.prune import InUseRegistry
+from zbackupd.server.remote import RemoteHost
+from zbackupd.service.notify import Notifier
+from zbackupd.service.session import Session, revive_pool
+from zbackupd.service.store import StateStore
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import Runner
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar, TypeVar
 
+from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
 from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.model import Bookmark, DatasetState, Encryption, Snapshot
 
 # --------------------------------------------------------------------------- policy
 

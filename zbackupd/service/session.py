@@ -24,25 +24,25 @@ from typing import Protocol
 
 import structlog
 
-from zbackupd import plan as planner
 from zbackupd.config import Config, Disk, Source, SourceDataset
-from zbackupd.devmap import DeviceMapper, DeviceMapperError, mapping_name
+from zbackupd.core import plan as planner
+from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
+from zbackupd.core.retention import RetentionPolicy, protections, select_for_destroy
+from zbackupd.core.status import DiskStatus, Phase, Progress, human_bytes
+from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapping_name
+from zbackupd.disk.power import DiskGone, PoweredOff
 from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.model import Bookmark, DatasetState, Encryption, Snapshot
-from zbackupd.power import DiskGone, PoweredOff
-from zbackupd.remote import RemoteHost
-from zbackupd.retention import RetentionPolicy, protections, select_for_destroy
-from zbackupd.secret import wipe
-from zbackupd.server_prune import (
+from zbackupd.keys.secret import wipe
+from zbackupd.server.prune import (
     InUseRegistry,
     OwnSnapshotPolicy,
     ServerPruneFailed,
     other_cursor_short_names,
     prune_dataset,
 )
-from zbackupd.status import DiskStatus, Phase, Progress, human_bytes
-from zbackupd.store import DatasetResult, RunRecord
-from zbackupd.transfer import TransferProgress, stream
+from zbackupd.server.remote import RemoteHost
+from zbackupd.server.transfer import TransferProgress, stream
+from zbackupd.service.store import DatasetResult, RunRecord
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.facade import Zfs

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zbackupd.errors import PermanentError
-from zbackupd.secret import wipe
+from zbackupd.keys.secret import wipe
 from zbackupd.zfs import names
 from zbackupd.zfs.facade import Zfs
 

@@ -1,0 +1,1 @@
+"""Pure decisions over frozen dataclasses: no I/O, no processes."""

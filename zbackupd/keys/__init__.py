@@ -1,0 +1,1 @@
+"""Key derivation, in-memory secrets and the encrypted SSH identity."""
