@@ -24,9 +24,10 @@ from zbackupd.disk.devmap import (
     parse_sectors,
 )
 from zbackupd.server.prune import InUseRegistry
-from zbackupd.service.session import Session
+from zbackupd.service.pool import DiskPool, PowerSwitch
 from zbackupd.zfs import argv as zargv
-from zbackupd.zfs.runner import CommandResult, CommandTimeout
+from zbackupd.zfs.facade import Zfs
+from zbackupd.zfs.runner import CommandResult, CommandTimeout, Runner
 
 DISK = "/dev/disk/by-id/usb-QEMU_QEMU_HARDDISK_ZBPULL01-0:0-part1"
 TABLE = f"0 2093056 linear {DISK} 0"
@@ -201,35 +202,44 @@ class FakeMapper:
         self.calls.append(("unmap", name))
 
 
-def _session(mapper: FakeMapper) -> Session:
+def _pool(mapper: FakeMapper) -> DiskPool:
     run = session(InUseRegistry())
-    run._device_mapper = cast(DeviceMapper, mapper)
-    return run
+    return DiskPool(
+        disk=run.disk,
+        zfs=cast(Zfs, None),
+        runner=cast(Runner, None),
+        power=cast(PowerSwitch, None),
+        import_device="/dev/disk/by-id/usb-x-part1",
+        power_device="/dev/sdz",
+        enter=lambda phase, message="": None,
+        log=structlog.get_logger(),
+        device_mapper=cast(DeviceMapper, mapper),
+    )
 
 
 async def test_the_pool_is_imported_from_the_mapping_and_unmapped_after_export() -> None:
     mapper = FakeMapper()
-    run = _session(mapper)
-    assert await run._map_disk() == "/dev/mapper/zbackupd-offsite-a"
-    run._imported = True
-    await run._unmap()
+    pool = _pool(mapper)
+    assert await pool.map_disk() == "/dev/mapper/zbackupd-offsite-a"
+    pool.imported = True
+    await pool.unmap()
     assert [c[0] for c in mapper.calls] == ["map"]
-    run._imported = False
-    await run._unmap()
-    await run._unmap()
+    pool.imported = False
+    await pool.unmap()
+    await pool.unmap()
     assert mapper.calls == [("map", "zbackupd-offsite-a", "/dev/disk/by-id/usb-x-part1"),
                             ("unmap", "zbackupd-offsite-a")]
 
 
 async def test_without_device_mapper_the_disk_is_imported_directly_with_a_warning() -> None:
     mapper = FakeMapper(fail=True)
-    run = _session(mapper)
+    pool = _pool(mapper)
     with structlog.testing.capture_logs() as logs:
-        assert await run._map_disk() == "/dev/disk/by-id/usb-x-part1"
+        assert await pool.map_disk() == "/dev/disk/by-id/usb-x-part1"
     [warning] = [entry for entry in logs if entry["log_level"] == "warning"]
     assert "need a restart" in warning["event"]
     assert "no dm_mod" in warning["error"]
-    await run._unmap()
+    await pool.unmap()
     assert [c[0] for c in mapper.calls] == ["map"]
 
 

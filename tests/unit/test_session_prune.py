@@ -15,7 +15,10 @@ from zbackupd.config import SourceDataset, parse_config
 from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
-from zbackupd.service.session import Connector, PowerSwitch, Session, SourceDatasetInfo
+from zbackupd.service.pool import PowerSwitch
+from zbackupd.service.replicate import DatasetReplication
+from zbackupd.service.session import Session
+from zbackupd.service.source_run import Connector, SourceDatasetInfo
 from zbackupd.zfs import parse
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import CommandResult
@@ -136,10 +139,14 @@ def remote_host(fake: FakeRemote) -> RemoteHost:
     return cast(RemoteHost, fake)
 
 
+def replication(run: Session, fake: FakeRemote, dataset: SourceDatasetInfo) -> DatasetReplication:
+    return run.replication(SOURCE, remote_host(fake), dataset, index=0, total=1)
+
+
 async def test_the_run_snapshot_is_registered_before_it_is_taken() -> None:
     registry = InUseRegistry()
     remote = FakeRemote(registry)
-    await session(registry)._take_snapshots(remote_host(remote), SOURCE)
+    await session(registry).source_run(SOURCE, remote_host(remote)).take_snapshots()
     assert remote.calls == [("zfs", "snapshot", "-r", "tank/a@zbackupd_20260105T000000Z")]
     assert remote.in_use_at_call == [set(RUN_SNAPSHOTS)]
 
@@ -149,7 +156,7 @@ async def test_a_prune_spares_what_the_other_disk_may_need() -> None:
     state, final = server_state()
     remote = FakeRemote(registry, {"list": listed(state)})
     with structlog.testing.capture_logs() as logs:
-        await session(registry)._prune_server(remote_host(remote), info(), SOURCE, final)
+        await replication(session(registry), remote, info()).prune_server(final)
     # Listed afresh at prune time; offsite-b's cursor is at day 2: days 2-4 may still be on
     # their way to it.
     assert remote.calls[0][:2] == ("zfs", "list")
@@ -170,8 +177,7 @@ async def test_a_refused_prune_warns_with_the_facts_and_does_not_raise() -> None
     state, final = server_state()
     remote = FakeRemote(registry, {"list": listed(state), "destroy": (126, "", refused)})
     with structlog.testing.capture_logs() as logs:
-        prune = session(registry, "offsite-b")._prune_server
-        await prune(remote_host(remote), info(), SOURCE, final)
+        await replication(session(registry, "offsite-b"), remote, info()).prune_server(final)
     [warning] = [entry for entry in logs if entry["log_level"] == "warning"]
     assert "allow_destroy = false" in warning["event"]
     assert warning["dataset"] == "tank/a"
@@ -184,15 +190,14 @@ async def test_reuse_mode_prunes_nothing_on_the_server() -> None:
     registry = InUseRegistry()
     state, final = server_state("tank/b")
     remote = FakeRemote(registry, {"list": listed(state)})
-    prune = session(registry)._prune_server
-    await prune(remote_host(remote), info(REUSE, "tank/b"), SOURCE, final)
+    await replication(session(registry), remote, info(REUSE, "tank/b")).prune_server(final)
     assert remote.calls == []
 
 
 async def test_the_sessions_registrations_end_with_it() -> None:
     registry = InUseRegistry()
     run = session(registry)
-    await run._take_snapshots(remote_host(FakeRemote(registry)), SOURCE)
+    await run.source_run(SOURCE, remote_host(FakeRemote(registry))).take_snapshots()
     assert len(registry.live_leases) == 1
     record = await run.run()  # the import fails at once: the session ends
     assert not record.ok

@@ -9,17 +9,9 @@ from pathlib import Path
 from zbackupd.config import load_config
 from zbackupd.core.model import Encryption, Snapshot
 from zbackupd.core.plan import FullSend, IncrementalSend, Resume
-from zbackupd.service.session import (
-    Revival,
-    held_snapshot_name,
-    revive_pool,
-    revive_steps,
-    run_snapshot_short_name,
-    select_datasets,
-    send_argv,
-    snapshot_filter,
-    up_to,
-)
+from zbackupd.service.pool import Revival, revive_pool, revive_steps
+from zbackupd.service.replicate import held_snapshot_name, send_argv, snapshot_filter
+from zbackupd.service.source_run import run_snapshot_short_name, select_datasets, up_to
 from zbackupd.zfs.parse import DatasetRow, PoolHealth
 from zbackupd.zfs.runner import CommandResult, CommandTimeout
 

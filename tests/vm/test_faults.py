@@ -10,7 +10,7 @@ pool first stays ONLINE while its sync thread retries writes to the vanished dev
 receive waits on it in the kernel); about 90 s later ZFS gives up and SUSPENDs the pool.
 Re-plugged before that, only ``zpool reopen`` picks the disk up (``zpool clear`` alone
 would wait for the stuck sync); after it, ``zpool clear`` resumes the suspended pool. The
-pulled-disk test covers both. See ``zbackupd.service.session.revive_steps``.
+pulled-disk test covers both. See ``zbackupd.service.pool.revive_steps``.
 """
 
 from __future__ import annotations

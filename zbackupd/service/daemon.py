@@ -41,7 +41,8 @@ from zbackupd.server import remote
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
 from zbackupd.service.notify import Notifier
-from zbackupd.service.session import Session, revive_pool
+from zbackupd.service.pool import revive_pool
+from zbackupd.service.session import Session
 from zbackupd.service.store import StateStore
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import Runner

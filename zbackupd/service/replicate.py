@@ -1,0 +1,340 @@
+"""One dataset's replication within a run: plan, transfer each step, move this disk's
+cursor, prune the server's own snapshots, then the disk's.
+
+The pure helpers (``send_argv``, ``held_snapshot_name``, ``snapshot_filter``,
+``retention_policy``) decide; ``DatasetReplication`` carries them out. A dataset's
+failure is its own (recorded, the run goes on) unless the disk itself is gone or
+refused (``PoolSuspended``, ``WrongDiskKey``), which ends the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from zbackupd.config import Config, Disk, Source, SourceDataset
+from zbackupd.core import plan as planner
+from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
+from zbackupd.core.retention import RetentionPolicy, protections, select_for_destroy
+from zbackupd.core.status import Phase, Progress, human_bytes
+from zbackupd.errors import PermanentError, ZbackupdError
+from zbackupd.server.prune import (
+    InUseLease,
+    OwnSnapshotPolicy,
+    ServerPruneFailed,
+    other_cursor_short_names,
+    prune_dataset,
+)
+from zbackupd.server.remote import RemoteHost
+from zbackupd.server.transfer import TransferProgress, stream
+from zbackupd.service.pool import WrongDiskKey
+from zbackupd.service.source_run import SourceDatasetInfo
+from zbackupd.service.store import DatasetResult
+from zbackupd.zfs import argv as zargv
+from zbackupd.zfs import names, parse
+from zbackupd.zfs.facade import Zfs
+from zbackupd.zfs.runner import Runner
+
+#: A resume may reveal another resume (a second interrupted stream): bounded re-planning.
+MAX_REPLANS = 4
+
+
+class Report(Protocol):
+    """The session's reporting: a phase, a message and transfer progress."""
+
+    def __call__(
+        self, phase: Phase, message: str = "", progress: Progress | None = None
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetOutcome:
+    """What one dataset's replication did; ``problem`` is set when it needs attention."""
+
+    result: DatasetResult
+    problem: str | None = None
+
+
+def snapshot_filter(config: SourceDataset) -> planner.SnapshotFilter:
+    if config.snapshots == "reuse" and config.reuse_pattern is not None:
+        return planner.SnapshotFilter(reuse_patterns=(config.reuse_pattern,))
+    return planner.SnapshotFilter(own_prefix=config.snapshot_prefix + "_")
+
+
+def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
+    kept = config.retention_for(disk)
+    return RetentionPolicy(
+        keep_last=kept.keep_last,
+        hourly=kept.hourly,
+        daily=kept.daily,
+        weekly=kept.weekly,
+        monthly=kept.monthly,
+        yearly=kept.yearly,
+    )
+
+
+def send_argv(
+    step: planner.TransferStep, mode: Encryption, *, estimate: bool = False
+) -> tuple[str, ...]:
+    """The server-side ``zfs send`` for one planned step (``-w`` or ``-L -c`` by ``mode``)."""
+    if isinstance(step, planner.Resume):
+        return zargv.send_resume(step.token, estimate=estimate)
+    if isinstance(step, planner.FullSend):
+        return zargv.send_full(step.snapshot.name, mode, estimate=estimate)
+    return zargv.send_incremental(
+        step.from_.name, step.to.name, mode, intermediates=step.intermediates, estimate=estimate
+    )
+
+
+def held_snapshot_name(step: planner.TransferStep) -> str | None:
+    """The server snapshot a step sends up to: held on the server while it travels and,
+    if the stream is interrupted, until the resume lands (``zfs send -t`` needs it)."""
+    if isinstance(step, planner.FullSend):
+        return step.snapshot.name
+    if isinstance(step, planner.IncrementalSend):
+        return step.to.name
+    try:
+        return zargv.decode_resume_token(step.token).toname
+    except zargv.InvalidArgument:
+        return None  # the resume itself reports the bad token
+
+
+class DatasetReplication:
+    """One selected dataset of one source onto this run's disk."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        disk: Disk,
+        source: Source,
+        info: SourceDatasetInfo,
+        remote: RemoteHost,
+        zfs: Zfs,
+        runner: Runner,
+        in_use: InUseLease,
+        now: Callable[[], datetime],
+        report: Report,
+        log: FilteringBoundLogger,
+        index: int,
+        total: int,
+    ) -> None:
+        self.config = config
+        self.disk = disk
+        self.source = source
+        self.info = info
+        self._remote = remote
+        self._zfs = zfs
+        self._runner = runner
+        self._in_use = in_use
+        self._now = now
+        self._report = report
+        self._log = log
+        self._dataset_log = log.bind(dataset=info.name, target=info.target)
+        self._index = index
+        self._total = total
+
+    async def run(
+        self, snapshots: Sequence[Snapshot], bookmarks: Sequence[Bookmark]
+    ) -> DatasetOutcome:
+        """Replicate up to the newest of ``snapshots`` (this dataset's, this run's cut)."""
+        info = self.info
+        server = DatasetState(
+            info.name,
+            tuple(s for s in snapshots if s.dataset == info.name),
+            tuple(b for b in bookmarks if b.dataset == info.name),
+        )
+        cursor_name = names.cursor_bookmark_name(info.name, self.disk.label)
+        cursor = next((b for b in server.bookmarks if b.name == cursor_name), None)
+        sent = 0
+        outcome = "up to date"
+        problem: str | None = None
+        final: Snapshot | None = None
+        try:
+            for _ in range(MAX_REPLANS):
+                disk, received_as = await self._disk_state()
+                dataset_plan = planner.plan_dataset(
+                    server=server,
+                    disk=disk,
+                    encryption=info.encryption,
+                    cursor=cursor,
+                    snapshot_filter=snapshot_filter(info.config),
+                    disk_encryption=received_as,
+                )
+                self._dataset_log.info(f"planned: {dataset_plan.explain()}",
+                                       plan=dataset_plan.explain())
+                dataset_plan.raise_for_conflict()
+                if dataset_plan.is_up_to_date:
+                    final = dataset_plan.common_base
+                    break
+                for step in dataset_plan.transfers:
+                    sent += await self._transfer(step)
+                outcome = "sent"
+                final = dataset_plan.final_snapshot
+                if not dataset_plan.replan_after:
+                    break
+            if final is not None:
+                await self._move_cursor(final, cursor)
+                await self.prune_server(final)
+            self._report(Phase.PRUNING, info.target)
+            await self._prune_disk(final, cursor)
+        except planner.PlanConflictError as error:
+            outcome = f"conflict: {error}"
+            problem = f"{info.name}: {error}"
+            self._dataset_log.error("dataset needs attention", conflict=str(error))
+        except (parse.PoolSuspended, WrongDiskKey):
+            raise  # the disk itself is gone or refused: the session ends
+        except ZbackupdError as error:
+            outcome = f"failed: {error}"
+            problem = f"{info.name}: {error}"
+            self._dataset_log.error("dataset failed", error=str(error),
+                                    error_type=type(error).__name__, transient=error.transient)
+        return DatasetOutcome(
+            DatasetResult(info.name, outcome, sent, final.short_name if final else None),
+            problem,
+        )
+
+    async def _disk_state(self) -> tuple[DatasetState | None, Encryption | None]:
+        target = self.info.target
+        try:
+            state = await self._zfs.dataset_state(target)
+        except parse.DatasetNotFound:
+            return None, None
+        props = await self._zfs.get_properties([target], ["encryptionroot"])
+        root = props.get(target, {}).get("encryptionroot")
+        received_as = Encryption.ENCRYPTED if root == target else Encryption.PLAIN
+        return state, received_as
+
+    async def _estimate(self, step: planner.TransferStep) -> int | None:
+        """``zfs send -nvP``: the size for the ETA; a failed estimate only costs the ETA."""
+        try:
+            result = await self._remote.run(send_argv(step, self.info.encryption, estimate=True))
+        except ZbackupdError as error:
+            self._log.warning("size estimate failed", error=str(error))
+            return None
+        try:
+            return parse.parse_send_estimate(result.text + "\n" + result.stderr)
+        except parse.ParseError:
+            return None
+
+    async def _transfer(self, step: planner.TransferStep) -> int:
+        info = self.info
+        if isinstance(step, planner.FullSend) and step.target_exists:
+            raise PermanentError(
+                f"{info.target} exists on the disk without snapshots; a full receive would "
+                "overwrite it: destroy it on the disk to let zbackupd send it afresh"
+            )
+        estimate = await self._estimate(step)
+        tag = names.hold_tag(self.disk.label)
+        held = held_snapshot_name(step)
+        if held is not None and not isinstance(step, planner.Resume):
+            # A resume's snapshot is still held from the interrupted run.
+            await self._hold(tag, held)
+        self._log.info(f"transfer started: {step.describe()}", dataset=info.name,
+                       step=step.describe(),
+                       estimated_bytes=estimate)
+
+        def on_progress(sample: TransferProgress) -> None:
+            self._report(
+                Phase.TRANSFERRING,
+                progress=Progress(info.name, sample.bytes_done, sample.estimated_total,
+                                  sample.rate, self._index, self._total),
+            )
+
+        self._report(Phase.TRANSFERRING, progress=Progress(info.name, 0, estimate, 0.0,
+                                                           self._index, self._total))
+        try:
+            result = await stream(
+                self._remote,
+                send_argv(step, info.encryption),
+                self._runner,
+                zargv.receive(info.target),
+                estimated_total=estimate,
+                on_progress=on_progress,
+            )
+        except BaseException:
+            if held is not None:
+                # The partial receive resumes from this snapshot next time: keep it pinned
+                # (a later successful run releases the hold, see server/prune.py).
+                self._log.info(f"transfer interrupted: hold on {held} kept for the resume",
+                               dataset=info.name, snapshot=held, tag=tag)
+            raise
+        if held is not None:
+            await self._remote.run(zargv.release(tag, [held]), check=False)
+        self._log.info(
+            f"transfer finished: {info.name}, {human_bytes(result.bytes_transferred)} "
+            f"in {result.elapsed:.1f}s ({human_bytes(result.rate)}/s)",
+            dataset=info.name, step=step.describe(), bytes=result.bytes_transferred,
+            seconds=round(result.elapsed, 3),
+        )
+        return result.bytes_transferred
+
+    async def _hold(self, tag: str, snapshot: str) -> None:
+        """``zfs hold``; a hold this disk already has there (an earlier run) is fine."""
+        result = await self._remote.run(zargv.hold(tag, [snapshot]), check=False)
+        if result.returncode != 0 and "tag already exists" not in result.stderr:
+            raise parse.classify_error(result.argv, result.returncode, result.stderr)
+
+    async def _move_cursor(self, final: Snapshot, cursor: Bookmark | None) -> None:
+        """Point this disk's bookmark at what the disk now holds (a space-free base)."""
+        if cursor is not None and cursor.guid == final.guid:
+            return
+        server_snapshot = f"{self.info.name}@{final.short_name}"
+        cursor_name = names.cursor_bookmark_name(self.info.name, self.disk.label)
+        if cursor is not None:
+            await self._remote.run(zargv.destroy_bookmark(cursor_name))
+        await self._remote.run(zargv.bookmark(server_snapshot, cursor_name))
+
+    async def prune_server(self, final: Snapshot) -> None:
+        """With the cursor at ``final``: destroy older own snapshots of the dataset on the
+        server (``server/prune.py`` says which). A failure only warns: the next run retries."""
+        info = self.info
+        if info.config.snapshots != "create":
+            return
+        others = other_cursor_short_names(self.config, self.disk, self.source)
+        try:
+            decision = await prune_dataset(
+                self._remote,
+                info.name,
+                OwnSnapshotPolicy(info.config.snapshot_prefix, self.source.keep_own_snapshots),
+                sent=final,
+                other_cursor_names=others,
+                in_use=self._in_use.others_now,
+                own_hold_tag=names.hold_tag(self.disk.label),
+            )
+        except ServerPruneFailed as error:
+            self._log.warning(f"pruning own snapshots of {info.name} on the server failed "
+                              f"(the next run tries again): {error.cause}", dataset=info.name,
+                              snapshots=list(error.snapshots), error=str(error.cause),
+                              error_type=type(error.cause).__name__, transient=error.transient)
+            return
+        if decision.destroy:
+            self._log.info(f"pruned {len(decision.destroy)} own snapshot(s) of {info.name} "
+                           "on the server", dataset=info.name,
+                           destroyed=list(decision.short_names))
+
+    async def _prune_disk(self, final: Snapshot | None, cursor: Bookmark | None) -> None:
+        state, _ = await self._disk_state()
+        if state is None or not state.snapshots:
+            return
+        keep = protections(
+            state.snapshots,
+            common_base=next((s for s in state.snapshots if final and s.guid == final.guid),
+                             None),
+            cursor=cursor,
+        )
+        decision = select_for_destroy(
+            state.snapshots,
+            retention_policy(self.config, self.disk),
+            now=self._now(),
+            protect=keep,
+        )
+        if decision.destroy:
+            doomed = [s.short_name for s in decision.destroy]
+            await self._zfs.destroy_snapshots(self.info.target, doomed)
+            self._log.info(f"pruned {len(doomed)} snapshot(s) of {self.info.target}",
+                           dataset=self.info.target, destroyed=doomed)
