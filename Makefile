@@ -38,7 +38,7 @@ vm-image: venv host-deps
 
 vm-test: venv host-deps
 	$(BIN)/python -m compileall -q zbackupd tests
-	$(BIN)/python -m pytest -m vm tests/vm
+	$(BIN)/python -m pytest -m vm --durations=0 tests/vm
 
 check: host-deps fast vm-test
 
