@@ -12,13 +12,11 @@ import json
 import shlex
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tests.vm.controller import UsbDisk, Vm
 from tests.vm.topology import GUEST_VENV, SERVER_DIR, BackupServer
 
-CHECKOUT = Path(__file__).resolve().parents[2]
 PASSPHRASE = b"correct horse battery staple\n"
 CONFIG_PATH = "/etc/zbackupd/zbackupd.toml"
 GATE_CONFIG = f"{SERVER_DIR}/gate.toml"
@@ -60,17 +58,9 @@ def _gate_config() -> str:
     )
 
 
-def install_service(vm: Vm) -> None:
-    """``packaging/install.sh`` from this checkout, offline from the guest's wheelhouse:
-    the venv, the commands on PATH and the systemd unit pointed at them."""
-    for relative in ("packaging/install.sh", "systemd/zbackupd.service"):
-        vm.put_file(CHECKOUT / relative, f"/root/zbackupd-src/{relative}", mode=0o755)
-    vm.run(f"PREFIX={GUEST_VENV} /root/zbackupd-src/packaging/install.sh /root/wheelhouse",
-           timeout=600)
-
-
 def first_setup(vm: Vm, server: BackupServer) -> str:
-    """Config, key store, SSH identity authorised on the server through the gate.
+    """Config, key store, SSH identity authorised on the server through the gate, on a
+    guest where zbackupd is installed (``topology.install_zbackupd``, once per VM).
 
     Returns the ``authorized_keys`` line keygen printed.
     """
@@ -89,7 +79,6 @@ def first_setup(vm: Vm, server: BackupServer) -> str:
         f"cat {SERVER_DIR}/ak.new - > {SERVER_DIR}/authorized_keys",
         stdin=(line + "\n").encode(),
     )
-    install_service(vm)
     return line
 
 

@@ -185,13 +185,13 @@ def build_wheelhouse(destination: Path) -> Path:
 
 
 def install_zbackupd(vm: Vm) -> str:
-    """Install this checkout's zbackupd into a venv in the guest; return its ``--version``."""
+    """Install this checkout's zbackupd in the guest the way an admin does, once per VM:
+    ``packaging/install.sh`` offline from the wheelhouse (the venv in ``GUEST_VENV``, the
+    commands on PATH, the systemd unit pointed at them). Returns its ``--version``."""
     wheelhouse = build_wheelhouse(vm.workdir / "wheelhouse")
     vm.put_directory(wheelhouse, "/root/wheelhouse")
-    vm.run(
-        f"python3 -m venv {GUEST_VENV}\n"
-        f"{GUEST_VENV}/bin/pip install --quiet --no-index --find-links /root/wheelhouse zbackupd\n"
-        f"ln -sf {GUEST_VENV}/bin/zbackupd {GUEST_VENV}/bin/zbackupd-gate /usr/local/bin/\n",
-        timeout=600,
-    )
+    for relative in ("packaging/install.sh", "systemd/zbackupd.service"):
+        vm.put_file(CHECKOUT / relative, f"/root/zbackupd-src/{relative}", mode=0o755)
+    vm.run(f"PREFIX={GUEST_VENV} /root/zbackupd-src/packaging/install.sh /root/wheelhouse",
+           timeout=600)
     return vm.run("zbackupd --version").stdout.strip()
