@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv host-deps lint unit fast check vm-test vm-image demo clean
+.PHONY: venv host-deps lint unit fast check vm-test vm-image demo bench clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,12 @@ vm-test: venv host-deps
 	$(BIN)/python -m pytest -m vm --durations=0 tests/vm
 
 check: host-deps fast vm-test
+
+# Benchmarks (not part of check): each prints zbackupd against a baseline measured in the
+# same run, and the ratio; none asserts on time.
+bench: venv host-deps
+	$(BIN)/python -m benchmarks.bench_plan
+	$(BIN)/python -m benchmarks.bench_transfer --rounds 5
 
 demo: venv host-deps
 	$(BIN)/python -m tests.vm.demo

@@ -12,11 +12,13 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from zbackupd.core.model import Bookmark, Encryption, Hold, Snapshot
+from zbackupd.core.model import Bookmark, Encryption, Hold, Snapshot, group_versions
 from zbackupd.errors import CommandError
-from zbackupd.zfs import parse
-from zbackupd.zfs.parse import ParseError
+from zbackupd.zfs import names, parse
+from zbackupd.zfs.parse import ParseError, parse_versions
 
 LISTING = (
     "tank/data@zbackupd_20250101T000000Z\t18446744073709551615\t100\t1735689600\n"
@@ -359,3 +361,65 @@ def test_gate_refusal_is_typed_and_permanent() -> None:
     assert isinstance(error, parse.GateRefused)
     assert error.transient is False
     assert error.returncode == 126
+
+
+# -- the fast listing parser agrees with the full name check ------------------------------
+
+_NAME_ALPHABET = "ab09_.:-/@# %;"
+
+
+def _reference_versions(text: str) -> tuple[tuple[Snapshot, ...], tuple[Bookmark, ...]]:
+    """Every row through ``names``' full validators: what ``parse_versions`` must equal."""
+    snapshots, bookmarks = [], []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, guid, createtxg, creation = line.split("\t")
+        numbers = (int(guid), int(createtxg), int(creation))
+        if "@" in name:
+            names.validate_snapshot_name(name)
+            snapshots.append(Snapshot(name, *numbers))
+        elif "#" in name:
+            names.validate_bookmark_name(name)
+            bookmarks.append(Bookmark(name, *numbers))
+        else:
+            raise names.InvalidName("version", name, "neither")
+    return tuple(snapshots), tuple(bookmarks)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["tank", "tank/a", "tank/a b", "tank/.", "tank//x", "1tank", "t"]),
+            st.sampled_from("@#"),
+            st.text(_NAME_ALPHABET, min_size=0, max_size=8),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_parse_versions_accepts_exactly_what_the_name_grammar_accepts(
+    rows: list[tuple[str, str, str]],
+) -> None:
+    text = "".join(f"{ds}{sep}{short}\t{i + 1}\t{i + 10}\t0\n" for i, (ds, sep, short)
+                   in enumerate(rows))  # fmt: skip
+    try:
+        expected = _reference_versions(text)
+    except names.InvalidName:
+        with pytest.raises(ParseError):
+            parse_versions(text)
+    else:
+        assert parse_versions(text) == expected
+
+
+def test_a_long_listing_is_grouped_by_dataset_in_one_pass() -> None:
+    snapshots, bookmarks = parse_versions(
+        "tank/a@s1\t1\t10\t0\ntank/b@s1\t2\t11\t0\ntank/a@s2\t3\t12\t0\n"
+        "tank/a#m\t1\t10\t0\ntank/c#only\t9\t9\t0\n"
+    )
+    states = group_versions(snapshots, bookmarks)
+    assert sorted(states) == ["tank/a", "tank/b", "tank/c"]
+    assert [s.short_name for s in states["tank/a"].snapshots] == ["s1", "s2"]
+    assert [b.name for b in states["tank/a"].bookmarks] == ["tank/a#m"]
+    assert states["tank/c"].snapshots == ()
+    assert [b.guid for b in states["tank/c"].bookmarks] == [9]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -70,6 +71,24 @@ class DatasetState:
     bookmarks: tuple[Bookmark, ...] = ()
     receive_resume_token: str | None = None
     written_since_last_snapshot: int = 0
+
+
+def group_versions(
+    snapshots: Iterable[Snapshot], bookmarks: Iterable[Bookmark] = ()
+) -> dict[str, DatasetState]:
+    """One listing of many datasets → each dataset's state, in one pass (a run plans
+    thousands of datasets: filtering the whole listing per dataset is quadratic). The
+    listing's order is kept within each dataset; a dataset with only bookmarks appears."""
+    snaps: dict[str, list[Snapshot]] = {}
+    marks: dict[str, list[Bookmark]] = {}
+    for snapshot in snapshots:
+        snaps.setdefault(snapshot.name.partition("@")[0], []).append(snapshot)
+    for bookmark in bookmarks:
+        marks.setdefault(bookmark.name.partition("#")[0], []).append(bookmark)
+    return {
+        name: DatasetState(name, tuple(snaps.get(name, ())), tuple(marks.get(name, ())))
+        for name in {**snaps, **marks}
+    }
 
 
 @dataclass(frozen=True, slots=True)
