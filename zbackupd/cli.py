@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zbackupd import __version__
 
@@ -107,20 +107,45 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from zbackupd.service.control import request
+    """Every configured disk's last success and age from the state store, with what the
+    daemon does now when it runs; the exit code says whether all is well (core.report)."""
+    import time
+
+    from zbackupd.core.report import disk_reports, exit_code, render_table, reports_as_dict
+    from zbackupd.service.control import DaemonNotRunning, request
+    from zbackupd.service.store import StateStore, run_outcome
 
     config = _load(args)
-    result = asyncio.run(request(config.daemon.control_socket, "status"))
+    try:
+        live: dict[str, Any] | None = asyncio.run(
+            request(config.daemon.control_socket, "status", timeout=10)
+        )
+    except DaemonNotRunning as error:
+        live, why = None, str(error)
+    store = StateStore(config.daemon.state_dir)
+    last_runs = store.last_runs()
+    successes = {disk.label: store.last_success(disk.label) for disk in config.disks}
+    reports = disk_reports(
+        [disk.identity for disk in config.disks],
+        {label: run_outcome(record) for label, record in last_runs.items()},
+        {label: run_outcome(record) for label, record in successes.items() if record},
+        now=time.time(),
+        stale_after_days=config.daemon.stale_disk_warning_days,
+    )
+    live_disks = {disk["label"]: disk for disk in (live or {}).get("disks", [])}
+    summary = live["summary"] if live else f"daemon not running ({why}); from {store.path}"
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-        return EXIT_OK
-    print(result["summary"])
-    for disk in result["disks"]:
-        line = f"  {disk['label']:<16} {disk['serial']:<24} {disk['phase']}"
-        if disk["last_result"]:
-            line += f"  last: {disk['last_result']}"
-        print(line)
-    return EXIT_OK
+        disks = [{**report, **live_disks.get(report["label"], {"phase": None})}
+                 for report in reports_as_dict(reports)]
+        document = {**(live or {}), "daemon_running": live is not None, "summary": summary,
+                    "disks": disks}
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print(summary)
+        phases = {label: disk["phase"] for label, disk in live_disks.items()}
+        for line in render_table(reports, phases):
+            print(f"  {line}")
+    return exit_code(reports)
 
 
 def _unlock(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zbackupd.core.report import RunOutcome
 from zbackupd.errors import PermanentError
 from zbackupd.keys.secret import ensure_private_dir, write_file_atomically
 
@@ -103,3 +104,18 @@ class StateStore:
     def last_seen(self) -> dict[str, float]:
         seen: dict[str, float] = self._load()["last_seen"]
         return seen
+
+
+def run_outcome(record: RunRecord) -> RunOutcome:
+    """The part of a stored run the status report needs."""
+    return RunOutcome(
+        started=record.started,
+        finished=record.finished,
+        ok=record.ok,
+        summary=record.summary,
+        newest_snapshots=tuple(
+            (result.dataset, result.newest_snapshot)
+            for result in record.datasets
+            if result.newest_snapshot is not None
+        ),
+    )
