@@ -35,6 +35,7 @@ class RunOutcome:
     summary: str
     #: (server dataset, snapshot short name) the disk held after the run
     newest_snapshots: tuple[tuple[str, str], ...] = ()
+    bytes_sent: int = 0
 
 
 @dataclass(frozen=True, slots=True)

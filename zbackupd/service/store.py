@@ -118,4 +118,5 @@ def run_outcome(record: RunRecord) -> RunOutcome:
             for result in record.datasets
             if result.newest_snapshot is not None
         ),
+        bytes_sent=record.bytes_sent,
     )

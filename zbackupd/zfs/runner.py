@@ -129,6 +129,38 @@ class LocalRunner:
         return result
 
 
+async def run_with_input(
+    argv: Sequence[str],
+    *,
+    stdin_data: bytes,
+    extra_env: Mapping[str, str],
+    timeout: float,
+) -> CommandResult:
+    """Run a program the admin configured (an alert hook): ``stdin_data`` on its stdin,
+    ``extra_env`` added to the scrubbed environment, killed after ``timeout``. Never
+    raises for a non-zero exit: the caller reports it."""
+    argv = tuple(argv)
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**child_environment(), **extra_env},
+        start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await proc.communicate(stdin_data)
+    except TimeoutError:
+        await _kill(proc)
+        raise CommandTimeout(argv, timeout) from None
+    except asyncio.CancelledError:
+        await _kill(proc)
+        raise
+    assert proc.returncode is not None  # noqa: S101 -- communicate() waited for exit
+    return CommandResult(argv, proc.returncode, stdout, stderr.decode("utf-8", "replace"))
+
+
 async def _feed_secret(proc: asyncio.subprocess.Process, secret: bytearray) -> None:
     """Write the secret from its mutable buffer, then EOF; the caller zeroes the buffer."""
     assert proc.stdin is not None  # noqa: S101 -- stdin=PIPE was requested
