@@ -108,3 +108,95 @@ async def test_other_users_are_refused(tmp_path: Path) -> None:
 async def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DaemonNotRunning, match="zbackupd is not running"):
         await request(tmp_path / "absent.sock", "status")
+
+
+# ------------------------------------------------------------- stopping with clients attached
+
+#: A bound on close(): far below the unit's TimeoutStopSec, far above a healthy close.
+CLOSE_BOUND = 5.0
+
+
+async def test_close_returns_with_an_idle_client_connected(tmp_path: Path) -> None:
+    """Python >= 3.12's ``Server.wait_closed`` waits for every connection: an idle client
+    used to stall the daemon's stop until SIGKILL, before the key wipe ran."""
+    daemon = Daemon()
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, on_status=daemon.status, on_unlock=daemon.unlock)
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        await asyncio.sleep(0.05)  # the server has accepted it and waits for a header
+        await asyncio.wait_for(server.close(), CLOSE_BOUND)
+        assert await asyncio.wait_for(reader.read(), CLOSE_BOUND) == b""  # closed on it
+        assert not path.exists()
+    finally:
+        writer.close()
+
+
+async def test_a_silent_client_is_dropped_after_the_read_timeout(tmp_path: Path) -> None:
+    daemon = Daemon()
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, on_status=daemon.status, on_unlock=daemon.unlock,
+                           read_timeout=0.2)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"op": "sta')  # half a header, then nothing
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), CLOSE_BOUND)
+        assert b"no complete request within 0.2s" in answer
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_a_stalled_passphrase_is_dropped_and_never_reaches_the_handler(
+    tmp_path: Path,
+) -> None:
+    daemon = Daemon()
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, on_status=daemon.status, on_unlock=daemon.unlock,
+                           read_timeout=0.2)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"op": "unlock", "secret_length": 13}\ncorrect')  # 7 of 13 bytes
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), CLOSE_BOUND)
+        assert b"no complete request" in answer
+        assert daemon.seen == []
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_close_cancels_an_unlock_in_progress_and_wipes_its_passphrase(
+    tmp_path: Path,
+) -> None:
+    entered = asyncio.Event()
+    handed: list[bytearray] = []
+    cancelled: list[bool] = []
+
+    async def slow_unlock(passphrase: bytearray) -> dict[str, Any]:
+        handed.append(passphrase)
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # a KDF that never finishes
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return {}
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, on_status=Daemon().status, on_unlock=slow_unlock)
+    await server.start()
+    client = asyncio.create_task(request(path, "unlock", secret=bytearray(b"correct horse")))
+    try:
+        await asyncio.wait_for(entered.wait(), CLOSE_BOUND)
+        await asyncio.wait_for(server.close(), CLOSE_BOUND)
+        assert cancelled == [True]
+        assert handed[0] == bytearray(len(b"correct horse"))  # zeroed
+        with pytest.raises(ControlError, match="closed the connection without answering"):
+            await asyncio.wait_for(client, CLOSE_BOUND)
+    finally:
+        client.cancel()
