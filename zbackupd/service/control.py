@@ -3,8 +3,9 @@
 A Unix stream socket, mode 0600 in a 0700 directory, and the peer's credentials
 (``SO_PEERCRED``) are checked on every connection: only root (or the daemon's own user)
 may ask. One request per connection: a JSON header line, then — for ``unlock`` only — the
-passphrase as exactly ``secret_length`` raw bytes, read into a ``bytearray`` the handler
-zeroes. The passphrase never travels inside JSON, so it is never a Python ``str``.
+passphrase as exactly ``secret_length`` raw bytes, read into a ``SecretBytes`` (a
+``bytearray`` whose ``repr`` shows no content) the handler gets and the server zeroes.
+The passphrase never travels inside JSON, so it is never a Python ``str``.
 
 A client gets ``read_timeout`` seconds to send its whole request (and as long again to take
 the answer); then it is answered with an error and dropped. ``close()`` stops accepting,
@@ -29,7 +30,7 @@ from typing import Any
 import structlog
 
 from zbackupd.errors import PermanentError, TransientError, ZbackupdError
-from zbackupd.keys.secret import wipe
+from zbackupd.keys.secret import SecretBytes
 
 MAX_HEADER_BYTES = 4096
 MAX_SECRET_BYTES = 4096
@@ -41,7 +42,7 @@ CLOSE_GRACE_SECONDS = 5.0
 log = structlog.get_logger(__name__)
 
 StatusHandler = Callable[[], Awaitable[dict[str, Any]]]
-UnlockHandler = Callable[[bytearray], Awaitable[dict[str, Any]]]
+UnlockHandler = Callable[[SecretBytes], Awaitable[dict[str, Any]]]
 
 
 class ControlError(PermanentError):
@@ -177,10 +178,8 @@ class ControlServer:
             if op == "status":
                 return {"ok": True, "result": await self._on_status()}
             if secret is not None:
-                try:
+                with secret:  # zeroed when the handler is done, whatever it did
                     return {"ok": True, "result": await self._on_unlock(secret)}
-                finally:
-                    wipe(secret)
             raise ControlError(f"unknown request {op!r}")
         except ZbackupdError as error:
             return {"ok": False, "error": str(error), "transient": error.transient}
@@ -199,15 +198,15 @@ async def _read_header(reader: asyncio.StreamReader) -> dict[str, Any]:
     return header
 
 
-async def _read_secret(reader: asyncio.StreamReader, length: object) -> bytearray:
+async def _read_secret(reader: asyncio.StreamReader, length: object) -> SecretBytes:
     """Read the passphrase straight into a mutable buffer the caller zeroes."""
     if not isinstance(length, int) or not 0 < length <= MAX_SECRET_BYTES:
         raise ControlError(f"unlock needs 1..{MAX_SECRET_BYTES} passphrase bytes")
-    secret = bytearray(length)
+    secret = SecretBytes(length)
     try:
         await _read_into(reader, secret)
     except BaseException:  # EOF, the read timeout, cancellation: no partial passphrase stays
-        wipe(secret)
+        secret.wipe()
         raise
     return secret
 
@@ -233,7 +232,7 @@ async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None
 
 
 async def request(
-    path: Path, op: str, *, secret: bytearray | None = None, timeout: float = 120.0
+    path: Path, op: str, *, secret: SecretBytes | None = None, timeout: float = 120.0
 ) -> dict[str, Any]:
     """Send one request and return the daemon's ``result``; raise ``ControlError`` on refusal."""
     header: dict[str, Any] = {"op": op}

@@ -154,7 +154,7 @@ class Daemon:
 
     # -- unlocking -----------------------------------------------------------------------
 
-    async def handle_unlock(self, passphrase: bytearray) -> dict[str, Any]:
+    async def handle_unlock(self, passphrase: SecretBytes) -> dict[str, Any]:
         """Derive the keys (off the loop), decrypt the SSH key, then start waiting disks."""
         async with self._unlock_lock:
             if self._master is not None:
