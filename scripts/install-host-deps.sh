@@ -1,11 +1,11 @@
 #!/bin/sh
-# Installs the Debian packages the integration and VM suites drive for real (sshd, QEMU,
-# debootstrap, mkfs.ext4). Idempotent: installs only what is missing, and runs
-# `apt-get update` only when something is missing. Must run as root on Debian 12.
+# Installs the Debian packages the tests drive for real (sshd, QEMU, debootstrap, mkfs.ext4,
+# systemd-analyze for the unit's hardening score). Idempotent: installs only what is
+# missing, and runs `apt-get update` only when something is missing. Must run as root on Debian 12.
 set -eu
 
 PACKAGES="qemu-system-x86 qemu-utils debootstrap openssh-client openssh-server e2fsprogs \
-util-linux ca-certificates debian-archive-keyring xxd"
+util-linux ca-certificates debian-archive-keyring xxd systemd"
 
 missing=""
 for pkg in $PACKAGES; do

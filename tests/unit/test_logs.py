@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+from zbackupd.keys.secret import SecretBytes
 from zbackupd.service.logs import (
     JournalWriter,
+    LogMode,
     configure_logging,
     encode_journal_fields,
     journal_field_name,
@@ -129,5 +131,50 @@ def test_json_mode_off_a_terminal() -> None:
         assert record["event"] == "idle"
         assert record["disk"] == "S1"
         assert record["level"] == "info"
+    finally:
+        structlog.reset_defaults()
+
+
+PASSPHRASE = "correct horse battery staple"
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal: the console renderer then uses colours."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _derive(passphrase: SecretBytes) -> None:
+    """A KDF failing with the passphrase in its locals, as a library's copy would be."""
+    copy = bytes(passphrase)
+    text = copy.decode()
+    raise ValueError(f"KDF failed after {len(text)} characters")
+
+
+@pytest.mark.parametrize(
+    ("mode", "stream"),
+    [("console", Terminal), ("console", io.StringIO), ("json", io.StringIO)],
+    ids=["console-tty", "console-plain", "json"],
+)
+def test_a_failing_unlock_logs_its_traceback_without_the_passphrase(
+    mode: LogMode, stream: type[io.StringIO]
+) -> None:
+    """structlog's console renderer picks rich (or better_exceptions) when installed, and
+    their tracebacks show every frame's locals: the passphrase among them. Whether or not
+    rich is installed here, the console gets a plain traceback."""
+    out = stream()
+    try:
+        configure_logging(mode=mode, stream=out)
+        with SecretBytes(PASSPHRASE.encode()) as passphrase:
+            try:
+                _derive(passphrase)
+            except ValueError:
+                structlog.get_logger().exception("unlock failed")
+        text = out.getvalue()
+        assert "KDF failed after 28 characters" in text  # the traceback is there...
+        assert "_derive" in text
+        assert "correct horse" not in text  # ...but no frame's locals
+        assert "b'correct" not in text
     finally:
         structlog.reset_defaults()

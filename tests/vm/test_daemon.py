@@ -135,13 +135,17 @@ def test_service_runs_hardened_and_without_core_dumps(vm: Vm, installed: str) ->
     assert pid != "0"
     proc_status = vm.run(f"cat /proc/{pid}/status").stdout
     assert "NoNewPrivs:\t1" in proc_status
+    assert "Seccomp:\t2" in proc_status  # SystemCallFilter=, MemoryDenyWriteExecute=
+    bounding = next(line for line in proc_status.splitlines() if line.startswith("CapBnd:"))
+    assert int(bounding.split()[1], 16) == 1 << 21, bounding  # CAP_SYS_ADMIN only
     limits = vm.run(f"grep 'Max core file size' /proc/{pid}/limits").stdout.split()
     assert limits[4:6] == ["0", "0"], limits
     settings = dict(
         line.split("=", 1)
         for line in vm.run(
             "systemctl show -p ProtectSystem,ProtectHome,PrivateTmp,MemorySwapMax,UMask,"
-            "RestrictNamespaces,Type,WatchdogUSec zbackupd"
+            "RestrictNamespaces,Type,WatchdogUSec,DevicePolicy,ProtectKernelTunables,"
+            "MemoryDenyWriteExecute,ProtectProc zbackupd"
         ).stdout.splitlines()
     )
     assert settings["ProtectSystem"] == "strict"
@@ -151,6 +155,16 @@ def test_service_runs_hardened_and_without_core_dumps(vm: Vm, installed: str) ->
     assert settings["UMask"] == "0077"
     assert settings["Type"] == "notify"
     assert settings["WatchdogUSec"] == "1min"
+    assert settings["DevicePolicy"] == "closed"
+    assert settings["ProtectKernelTunables"] == "yes"
+    assert settings["MemoryDenyWriteExecute"] == "yes"
+    assert settings["ProtectProc"] == "invisible"
+    # Kernel tunables are read-only, but /sys/devices stays writable for the power-off.
+    def mount_options(path: str) -> list[str]:
+        return vm.run(f"nsenter -t {pid} -m findmnt -n -o OPTIONS -T {path}").stdout.split(",")
+    assert "ro" in mount_options("/proc/sys")
+    assert "ro" in mount_options("/sys/module")
+    assert "rw" in mount_options("/sys/devices")
     # The read-only file system is real: the daemon's mount namespace refuses /usr writes.
     refused = vm.run(f"nsenter -t {pid} -m touch /usr/zbackupd-probe", check=False)
     assert refused.returncode != 0

@@ -33,7 +33,7 @@ from zbackupd.disk.udev import (
     Removed,
     SerialMismatch,
 )
-from zbackupd.errors import PermanentError, ZbackupdError
+from zbackupd.errors import PermanentError, TransientError, ZbackupdError
 from zbackupd.keys.derivation import KeyStore, MasterKey, WrongPassphrase
 from zbackupd.keys.secret import SecretBytes, read_secret
 from zbackupd.keys.sshkey import load_identity
@@ -77,6 +77,13 @@ class Watcher(Protocol):
 class AlreadyUnlocked(PermanentError):
     def __init__(self) -> None:
         super().__init__("already unlocked")
+
+
+class DaemonStopping(TransientError):
+    """An unlock that arrives, or finishes, while the daemon stops: its key is not kept."""
+
+    def __init__(self) -> None:
+        super().__init__("the daemon is stopping: unlock refused, no key kept")
 
 
 class Daemon:
@@ -148,11 +155,13 @@ class Daemon:
 
     # -- unlocking -----------------------------------------------------------------------
 
-    async def handle_unlock(self, passphrase: bytearray) -> dict[str, Any]:
+    async def handle_unlock(self, passphrase: SecretBytes) -> dict[str, Any]:
         """Derive the keys (off the loop), decrypt the SSH key, then start waiting disks."""
         async with self._unlock_lock:
             if self._master is not None:
                 raise AlreadyUnlocked
+            if self._stopping.is_set():
+                raise DaemonStopping
             try:
                 master = await self._keystore.unlock(passphrase)
             except WrongPassphrase:
@@ -172,6 +181,9 @@ class Daemon:
             except ZbackupdError:
                 master.wipe()
                 raise
+            if self._stopping.is_set():  # the stop wiped the keys while we derived this one
+                master.wipe()
+                raise DaemonStopping
             self._master, self._client_key = master, client_key
         self._status = replace(self._status, locked=False, notice="")
         log.info("unlocked")
@@ -447,11 +459,13 @@ class Daemon:
                     log.error("sessions still stuck at stop (a pulled disk?)",
                               disks=sorted(self._pulled), stuck=len(stuck))
         finally:
+            # The keys go first: nothing after this line may keep them alive by stalling.
+            self._stopping.set()  # an unlock still deriving drops its key (DaemonStopping)
+            if self._master is not None:
+                self._master.wipe()
+            self._client_key = None
             await control.close()
             if watchdog is not None:
                 watchdog.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog
-            if self._master is not None:
-                self._master.wipe()
-            self._client_key = None

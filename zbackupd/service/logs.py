@@ -198,7 +198,11 @@ def configure_logging(
         processors = [
             *shared[:-1],
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+            # Never structlog's default here: with rich or better_exceptions installed it
+            # renders every frame's locals, a passphrase or key among them.
+            structlog.dev.ConsoleRenderer(
+                colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+            ),
         ]
         factory = structlog.PrintLoggerFactory(out)
     else:
