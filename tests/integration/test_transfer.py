@@ -246,7 +246,9 @@ async def test_cancellation_stops_both_sides_and_leaks_nothing(
     with pytest.raises(asyncio.CancelledError):
         await transfer
     assert child_pids() == set()
-    assert open_fds() == fds_before
+    # The subprocess transports close their pipes on later loop turns (seen under load:
+    # one pipe still open right after the cancel, gone a moment later); a leak stays.
+    await _until(lambda: open_fds() == fds_before)
     await _until(lambda: fake_server.state.open_processes == 0)
     [sent] = fake_server.state.sent
     assert not sent.finished
