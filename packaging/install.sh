@@ -4,7 +4,8 @@
 #   /usr/local/bin, the systemd unit (pointed at that install) and /etc/zbackupd.
 # Usage: packaging/install.sh [WHEELHOUSE]
 #   WHEELHOUSE: a directory of wheels (zbackupd's and its dependencies') for an offline
-#   install; without it, pip installs this checkout and fetches dependencies from its index.
+#   install; without it, pip installs this checkout and fetches dependencies from its index
+#   at the versions constraints.txt pins (a wheelhouse was built with them already).
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,7 +22,9 @@ python3 -m venv "$prefix"
 if [ $# -ge 1 ]; then
     "$prefix/bin/pip" install --quiet --no-index --find-links "$1" zbackupd
 else
-    "$prefix/bin/pip" install --quiet "$here"
+    "$prefix/bin/pip" install --quiet -c "$here/constraints.txt" --upgrade pip
+    "$prefix/bin/pip" install --quiet -c "$here/constraints.txt" \
+        --build-constraint "$here/constraints.txt" "$here"
 fi
 ln -sf "$prefix/bin/zbackupd" "$prefix/bin/zbackupd-gate" "$bindir/"
 

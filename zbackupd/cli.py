@@ -70,7 +70,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from zbackupd.disk.devmap import DeviceMapper
-    from zbackupd.disk.udev import UdevWatcher
+    from zbackupd.disk.udevwatch import UdevWatcher
     from zbackupd.keys.derivation import KeyStore
     from zbackupd.service.control import ControlServer
     from zbackupd.service.daemon import Daemon

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zbackupd.core.conflicts import ResumeTokenInfo
 from zbackupd.core.model import Bookmark, DatasetState, Snapshot
 from zbackupd.core.plan import (
     DatasetPlan,
     FullSend,
     IncrementalSend,
     Resume,
-    ResumeTokenInfo,
     Step,
     UpToDate,
 )

@@ -21,16 +21,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from zbackupd.keys import derivation as keys
 from zbackupd.keys.derivation import (
     InvalidDiskLabel,
     InvalidRecoveryKey,
-    KdfParams,
     KeyStore,
-    KeyStoreCorrupt,
-    KeyStoreExists,
-    KeyStoreInsecure,
-    KeyStoreMissing,
     KeyWiped,
     MasterKey,
     WeakPassphrase,
@@ -38,6 +32,14 @@ from zbackupd.keys.derivation import (
     calibrate,
     derive_master_key,
     parse_recovery_key,
+)
+from zbackupd.keys.keyfiles import (
+    FORMAT_VERSION,
+    KdfParams,
+    KeyStoreCorrupt,
+    KeyStoreExists,
+    KeyStoreInsecure,
+    KeyStoreMissing,
 )
 from zbackupd.keys.secret import (
     FileExistsRefused,
@@ -364,7 +366,7 @@ def test_key_store_files_hold_no_passphrase_or_derived_key(store: KeyStore) -> N
 def test_params_file_is_versioned_json(store: KeyStore) -> None:
     store.create(passphrase(), FAST)
     document = json.loads(store.params_path.read_text())
-    assert document["format"] == keys.FORMAT_VERSION
+    assert document["format"] == FORMAT_VERSION
     assert document["kdf"] == "argon2id"
     assert (document["memory_cost_kib"], document["iterations"], document["lanes"]) == (256, 1, 1)
     assert len(bytes.fromhex(document["verifier"])) == 32

@@ -16,21 +16,23 @@ from planner_notation import (
     server,
 )
 
+from zbackupd.core.conflicts import (
+    Diverged,
+    EncryptionModeMismatch,
+    NoCommonSnapshot,
+    NoSourceSnapshot,
+    ResumeTokenInfo,
+    ResumeTokenMismatch,
+    TargetModified,
+)
 from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
 from zbackupd.core.plan import (
     DatasetPlan,
-    Diverged,
-    EncryptionModeMismatch,
     IncrementalSend,
-    NoCommonSnapshot,
-    NoSourceSnapshot,
     PlanConflictError,
     PlanInvariantError,
-    ResumeTokenInfo,
-    ResumeTokenMismatch,
     SendPolicy,
     SnapshotFilter,
-    TargetModified,
     newest_common_snapshot,
     plan_dataset,
     select_sendable,

@@ -10,7 +10,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from zbackupd.keys.derivation import KdfParams, derive_master_key
+from zbackupd.keys.derivation import derive_master_key
+from zbackupd.keys.keyfiles import KdfParams
 from zbackupd.keys.secret import SecretBytes
 from zbackupd.keys.sshkey import (
     IdentityError,

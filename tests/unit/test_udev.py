@@ -27,11 +27,10 @@ from zbackupd.disk.udev import (
     Removed,
     SerialMismatch,
     UdevEventMalformed,
-    UdevMonitorFailed,
-    UdevWatcher,
     choose_by_id_link,
     match_disk,
 )
+from zbackupd.disk.udevwatch import UdevMonitorFailed, UdevWatcher
 
 GUID_A = 15370374377066419745
 GUID_B = 7299116547373322011

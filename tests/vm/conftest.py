@@ -25,10 +25,19 @@ _booted: list[Vm] = []
 UsbDiskFactory = Callable[..., UsbDisk]
 
 
+#: pyproject.toml's 300 s per test is for the fast suite. A VM test may build the image
+#: (~15 min) and boot the VM in its setup, then run guest commands bounded at 600 s each.
+VM_TEST_TIMEOUT = 3600
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked ``runs_last`` go after every other test of the shared VM: when one
-    fails it can leave a pool stuck in the kernel that would poison what follows."""
+    fails it can leave a pool stuck in the kernel that would poison what follows. VM tests
+    without a timeout of their own get ``VM_TEST_TIMEOUT``."""
     items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+    for item in items:
+        if item.get_closest_marker("vm") is not None and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(VM_TEST_TIMEOUT))
 
 
 @pytest.hookimpl(wrapper=True)

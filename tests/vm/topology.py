@@ -159,18 +159,21 @@ def _copy_source(destination: Path) -> Path:
 def build_wheelhouse(destination: Path) -> Path:
     """zbackupd's wheel (fresh from the checkout) plus its dependencies' wheels.
 
-    The dependency wheels come from PyPI once per ``pyproject.toml`` content and are
-    cached beside the VM image.
+    The dependency wheels come from PyPI, at the versions ``constraints.txt`` pins, once per
+    ``pyproject.toml`` and ``constraints.txt`` content and are cached beside the VM image.
     """
-    pyproject_hash = hashlib.sha256((CHECKOUT / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    cached = cache_root() / "wheelhouse" / pyproject_hash
+    constraints = CHECKOUT / "constraints.txt"
+    pinned = ["-c", str(constraints), "--build-constraint", str(constraints)]
+    inputs = (CHECKOUT / "pyproject.toml").read_bytes() + constraints.read_bytes()
+    inputs_hash = hashlib.sha256(inputs).hexdigest()[:16]
+    cached = cache_root() / "wheelhouse" / inputs_hash
     with tempfile.TemporaryDirectory(prefix="zbackupd-wheel-") as scratch:
         source = _copy_source(Path(scratch))
         if not cached.is_dir():
             # Per process: two test runs at once each build their own, the first rename wins.
             partial = cached.with_name(f"{cached.name}.partial-{os.getpid()}")
             shutil.rmtree(partial, ignore_errors=True)
-            _pip(["wheel", "--quiet", "--wheel-dir", str(partial), str(source)])
+            _pip(["wheel", "--quiet", *pinned, "--wheel-dir", str(partial), str(source)])
             for own in partial.glob("zbackupd-*.whl"):
                 own.unlink()
             try:
@@ -180,7 +183,9 @@ def build_wheelhouse(destination: Path) -> Path:
         destination.mkdir(parents=True, exist_ok=True)
         for wheel in cached.glob("*.whl"):
             shutil.copy2(wheel, destination)
-        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(destination), str(source)])
+        _pip(
+            ["wheel", "--quiet", "--no-deps", *pinned, "--wheel-dir", str(destination), str(source)]
+        )
     return destination
 
 

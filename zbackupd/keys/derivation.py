@@ -19,12 +19,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
-import json
 import os
-import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
@@ -34,6 +31,22 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from zbackupd.errors import PermanentError
+from zbackupd.keys.keyfiles import (
+    DEFAULT_PARAMS,
+    PARAMS_FILE,
+    SALT_BYTES,
+    SALT_FILE,
+    VERIFIER_BYTES,
+    KdfParams,
+    KeyMaterial,
+    KeyStoreCorrupt,
+    KeyStoreExists,
+    KeyStoreMissing,
+    decode_params,
+    encode_params,
+    require_private,
+    write_new_private_file,
+)
 from zbackupd.keys.secret import (
     SecretBytes,
     ensure_private_dir,
@@ -41,14 +54,10 @@ from zbackupd.keys.secret import (
 )
 
 # --- The derivation scheme. Changing any of these makes every existing disk unreadable:
-# --- bump FORMAT_VERSION and keep the old labels instead.
+# --- bump keyfiles.FORMAT_VERSION and keep the old labels instead.
 
-#: Version of the key-store files and of the derivation labels below.
-FORMAT_VERSION = 1
-SALT_BYTES = 32
 MASTER_KEY_BYTES = 32
 POOL_KEY_BYTES = 32  # what `zfs load-key` wants for keyformat=raw, exactly
-VERIFIER_BYTES = 32
 SSH_PASSPHRASE_SEED_BYTES = 32
 #: Argon2id associated data: binds the master key to this scheme and version.
 ARGON2_AD = b"zbackupd/v1/master-key"
@@ -56,63 +65,15 @@ INFO_POOL_KEY_PREFIX = b"zbackupd/v1/pool-key/"  # + the disk's label (UTF-8)
 INFO_SSH_PASSPHRASE = b"zbackupd/v1/ssh-key-passphrase"
 INFO_VERIFIER = b"zbackupd/v1/verifier"
 
-SALT_FILE = "salt"
-PARAMS_FILE = "params.json"
-
 #: A passphrase shorter than this is refused at creation (it is a second factor, but a
 #: one-character second factor is not a factor).
 MIN_PASSPHRASE_BYTES = 8
 MAX_DISK_LABEL_BYTES = 128
 
-# Bounds accepted when loading params: enough to refuse a corrupted or absurd file.
-MIN_LANES, MAX_LANES = 1, 64
-MIN_ITERATIONS, MAX_ITERATIONS = 1, 1000
-MAX_MEMORY_KIB = 16 * 1024 * 1024  # 16 GiB
-
 _HEX_DIGITS = b"0123456789abcdef"
 
 
 # ----------------------------------------------------------------------------- errors
-
-
-class KeyStoreError(PermanentError):
-    """Something is wrong with the key store directory; a human has to look."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"key store {path}: {reason}")
-
-
-class KeyStoreMissing(KeyStoreError):
-    """No key store yet: ``zbackupd keysetup`` has not been run on this machine."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "not set up (run `zbackupd keysetup`)")
-
-
-class KeyStoreExists(KeyStoreError):
-    """``create`` refuses to replace an existing key store: that would orphan every disk."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(
-            path, "exists already; every disk depends on it, so it is never overwritten"
-        )
-
-
-class KeyStoreCorrupt(KeyStoreError):
-    """A key store file is unreadable or holds values outside the accepted bounds."""
-
-
-class KeyStoreInsecure(KeyStoreError):
-    """The salt or its directory is accessible to others than its owner."""
-
-    def __init__(self, path: Path, mode: int, wanted: int) -> None:
-        self.mode = mode
-        self.wanted = wanted
-        super().__init__(
-            path, f"mode {mode:04o} lets others read it (want {wanted:04o}); fix and retry"
-        )
 
 
 class WrongPassphrase(PermanentError):
@@ -154,45 +115,6 @@ class InvalidRecoveryKey(PermanentError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"not a recovery key: {reason}")
-
-
-# ------------------------------------------------------------------------ parameters
-
-
-@dataclass(frozen=True, slots=True)
-class KdfParams:
-    """Argon2id cost parameters, stored beside the salt (they are not secret)."""
-
-    memory_cost_kib: int
-    iterations: int
-    lanes: int
-
-    def __post_init__(self) -> None:
-        if not MIN_LANES <= self.lanes <= MAX_LANES:
-            raise ValueError(f"lanes must be in [{MIN_LANES}, {MAX_LANES}], got {self.lanes}")
-        if not MIN_ITERATIONS <= self.iterations <= MAX_ITERATIONS:
-            raise ValueError(
-                f"iterations must be in [{MIN_ITERATIONS}, {MAX_ITERATIONS}], got {self.iterations}"
-            )
-        if not 8 * self.lanes <= self.memory_cost_kib <= MAX_MEMORY_KIB:
-            raise ValueError(
-                f"memory_cost_kib must be in [8*lanes, {MAX_MEMORY_KIB}],"
-                f" got {self.memory_cost_kib}"
-            )
-
-
-#: A sane starting point (RFC 9106's second recommendation, more memory); ``calibrate``
-#: then tunes the iterations to about a second on this machine.
-DEFAULT_PARAMS = KdfParams(memory_cost_kib=256 * 1024, iterations=3, lanes=4)
-
-
-@dataclass(frozen=True, slots=True)
-class KeyMaterial:
-    """What the key store holds on disk: salt, KDF parameters, verifier. No key."""
-
-    salt: bytes = field(repr=False)
-    params: KdfParams
-    verifier: bytes = field(repr=False)
 
 
 # ------------------------------------------------------------------------ derivation
@@ -360,7 +282,8 @@ def parse_recovery_key(text: bytearray) -> SecretBytes:
 
 class KeyStore:
     """The key store directory: ``salt`` (32 random bytes) and ``params.json``, both 0600,
-    in a 0700 directory owned by root. Holds no key; see the module docstring.
+    in a 0700 directory owned by root (written and checked by ``keyfiles.py``). Holds no
+    key; see the module docstring.
     """
 
     def __init__(self, keys_dir: Path) -> None:
@@ -398,9 +321,9 @@ class KeyStore:
         temp_dir.mkdir(mode=0o700)
         try:
             temp_dir.chmod(0o700)
-            _write_new_private_file(temp_dir / SALT_FILE, salt)
-            _write_new_private_file(
-                temp_dir / PARAMS_FILE, _encode_params(params, verifier).encode("utf-8")
+            write_new_private_file(temp_dir / SALT_FILE, salt)
+            write_new_private_file(
+                temp_dir / PARAMS_FILE, encode_params(params, verifier).encode("utf-8")
             )
             fsync_directory(temp_dir)
             try:
@@ -420,17 +343,17 @@ class KeyStore:
         """Read and check salt, params and verifier; refuses loose modes like ssh does."""
         if not self.keys_dir.exists():
             raise KeyStoreMissing(self.keys_dir)
-        _require_private(self.keys_dir, 0o700)
+        require_private(self.keys_dir, 0o700)
         if not self.params_path.exists() or not self.salt_path.exists():
             missing = self.params_path if not self.params_path.exists() else self.salt_path
             if not any(self.keys_dir.iterdir()):
                 raise KeyStoreMissing(self.keys_dir)
             raise KeyStoreCorrupt(self.keys_dir, f"{missing.name} is missing")
-        _require_private(self.salt_path, 0o600)
+        require_private(self.salt_path, 0o600)
         salt = self.salt_path.read_bytes()
         if len(salt) != SALT_BYTES:
             raise KeyStoreCorrupt(self.salt_path, f"salt has {len(salt)} bytes, want {SALT_BYTES}")
-        params, verifier = _decode_params(self.params_path)
+        params, verifier = decode_params(self.params_path)
         return KeyMaterial(salt=salt, params=params, verifier=verifier)
 
     def unlock_blocking(self, passphrase: bytearray) -> MasterKey:
@@ -459,65 +382,6 @@ def _verified(master: MasterKey, verifier: bytes, keys_dir: Path) -> MasterKey:
         return master
     master.wipe()
     raise WrongPassphrase(keys_dir)
-
-
-def _write_new_private_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _require_private(path: Path, wanted: int) -> None:
-    mode = stat.S_IMODE(path.lstat().st_mode)
-    if mode & 0o077:
-        raise KeyStoreInsecure(path, mode, wanted)
-
-
-def _encode_params(params: KdfParams, verifier: bytes) -> str:
-    document = {
-        "format": FORMAT_VERSION,
-        "kdf": "argon2id",
-        "memory_cost_kib": params.memory_cost_kib,
-        "iterations": params.iterations,
-        "lanes": params.lanes,
-        "salt_bytes": SALT_BYTES,
-        "verifier": verifier.hex(),
-    }
-    return json.dumps(document, indent=2) + "\n"
-
-
-def _decode_params(path: Path) -> tuple[KdfParams, bytes]:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise KeyStoreCorrupt(path, f"unreadable: {error}") from None
-    if not isinstance(document, dict):
-        raise KeyStoreCorrupt(path, "not a JSON object")
-    if document.get("format") != FORMAT_VERSION:
-        raise KeyStoreCorrupt(path, f"unsupported format {document.get('format')!r}")
-    if document.get("kdf") != "argon2id":
-        raise KeyStoreCorrupt(path, f"unsupported kdf {document.get('kdf')!r}")
-    numbers = {}
-    for name in ("memory_cost_kib", "iterations", "lanes"):
-        value = document.get(name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise KeyStoreCorrupt(path, f"{name} must be an integer")
-        numbers[name] = value
-    try:
-        params = KdfParams(**numbers)
-        verifier = bytes.fromhex(str(document.get("verifier", "")))
-    except ValueError as error:
-        raise KeyStoreCorrupt(path, str(error)) from None
-    if len(verifier) != VERIFIER_BYTES:
-        raise KeyStoreCorrupt(path, f"verifier must be {VERIFIER_BYTES} bytes")
-    return params, verifier
 
 
 # ------------------------------------------------------------------------ calibration
