@@ -6,9 +6,6 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-<<<<<<< HEAD
-.PHONY: venv host-deps lint unit fast check vm-test vm-image demo bench clean
-=======
 # Every install takes its versions from constraints.txt (`make lock` regenerates it), the
 # build backend's included: the same packages on every machine and in the VM's wheelhouse.
 CONSTRAINTS := constraints.txt
@@ -25,8 +22,7 @@ PY313_CANDIDATES = $(shell command -v python3.13 2>/dev/null) \
 PY313 ?= $(firstword $(foreach python,$(PY313_CANDIDATES),$(if $(shell $(python) -c \
 	'import sys; print(sys.version_info[:2] == (3, 13))' 2>/dev/null | grep -x True),$(python))))
 
-.PHONY: venv venv-3.13 host-deps lint unit fast check vm-test vm-image demo lock clean
->>>>>>> wt-build
+.PHONY: venv venv-3.13 host-deps lint unit fast check vm-test vm-image demo bench lock clean
 
 venv: $(STAMP)
 
