@@ -27,6 +27,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.integration.stub_zfs import guid_of
 from zbackupd.core.model import Encryption
 from zbackupd.server import gate
 from zbackupd.zfs import argv as zargv
@@ -41,7 +42,7 @@ SNAP2 = "tank/data@zbackupd_20250102T000000Z"
 MARK = "tank/data#zbackupd_disk1"
 
 
-def encode_token(toname: str, *, raw: bool, toguid: int = 7) -> str:
+def encode_token(toname: str, *, raw: bool, toguid: int | None = None) -> str:
     """A receive resume token encoded the way the kernel does (native nvlist, zlib,
     fletcher4 word 0), written independently of ``zbackupd.zfs.argv``."""
 
@@ -52,7 +53,8 @@ def encode_token(toname: str, *, raw: bool, toguid: int = 7) -> str:
         body = value + b"\0" * (-len(value) % 8)
         return struct.pack("<i", 4 + len(head) + len(body)) + head + body
 
-    pairs = [pair("object", 8, struct.pack("<Q", 1)), pair("toguid", 8, struct.pack("<Q", toguid))]
+    guid = guid_of(toname) if toguid is None else toguid
+    pairs = [pair("object", 8, struct.pack("<Q", 1)), pair("toguid", 8, struct.pack("<Q", guid))]
     if raw:
         pairs.append(pair("rawok", 1, b""))
     pairs.append(pair("toname", 9, toname.encode() + b"\0"))
@@ -63,6 +65,43 @@ def encode_token(toname: str, *, raw: bool, toguid: int = 7) -> str:
     return f"1-{checksum:x}-{len(packed):x}-{payload.hex()}"
 
 
+class FakeZfs:
+    """The gate's lookup seam: answers its read-only zfs queries from dicts, records them.
+
+    ``encrypted``: datasets whose ``encryption`` is not ``off``; ``guids``: snapshot →
+    guid (default ``guid_of``); ``versions``: dataset → guids of its snapshots and
+    bookmarks (default: those of ``zbackupd_20250101T000000Z`` and ``#zbackupd_disk1``).
+    """
+
+    def __init__(
+        self,
+        *,
+        encrypted: Sequence[str] = (),
+        guids: Mapping[str, int] | None = None,
+        versions: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        self.encrypted = frozenset(encrypted)
+        self.guids = dict(guids or {})
+        self.versions = dict(versions or {})
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, argv: tuple[str, ...]) -> str:
+        self.calls.append(argv)
+        match argv[1:]:
+            case ("get", "-H", "-o", "value", "encryption", dataset):
+                return ("aes-256-gcm" if dataset in self.encrypted else "off") + "\n"
+            case ("get", "-H", "-p", "-o", "value", "guid", snapshot):
+                return f"{self.guids.get(snapshot, guid_of(snapshot))}\n"
+            case ("list", "-H", "-p", "-o", "guid", "-t", "snapshot,bookmark", "-d", "1", ds):
+                default = [
+                    guid_of(f"{ds}@zbackupd_20250101T000000Z"),
+                    guid_of(f"{ds}#zbackupd_disk1"),
+                ]
+                return "".join(f"{guid}\n" for guid in self.versions.get(ds, default))
+        raise gate.LookupFailed(argv, "the fake knows no such query")
+
+
+PLAIN_SERVER = FakeZfs()
 RAW_TOKEN = encode_token(SNAP, raw=True)
 PLAIN_TOKEN = encode_token(SNAP, raw=False)
 
@@ -160,14 +199,18 @@ def test_config_path_comes_from_the_forced_command_only() -> None:
 # -- the decision ----------------------------------------------------------------------
 
 
-def refused(command: str | None, config: gate.GateConfig = CONFIG) -> str:
-    decision = gate.decide(command, config)
+def refused(
+    command: str | None, config: gate.GateConfig = CONFIG, zfs: FakeZfs = PLAIN_SERVER
+) -> str:
+    decision = gate.decide(command, config, zfs)
     assert isinstance(decision, gate.Refused), decision
     return decision.reason
 
 
-def accepted(command: str, config: gate.GateConfig = CONFIG) -> zargv.RemoteCommand:
-    decision = gate.decide(command, config)
+def accepted(
+    command: str, config: gate.GateConfig = CONFIG, zfs: FakeZfs = PLAIN_SERVER
+) -> zargv.RemoteCommand:
+    decision = gate.decide(command, config, zfs)
     assert isinstance(decision, gate.Accepted), decision
     return decision.command
 
@@ -344,7 +387,7 @@ def test_the_configuration_narrows_what_is_allowed(
     config: gate.GateConfig, command: str, why: str
 ) -> None:
     assert why in refused(command, config)
-    assert isinstance(gate.decide(command, CONFIG), gate.Accepted)
+    assert isinstance(gate.decide(command, CONFIG, PLAIN_SERVER), gate.Accepted)
 
 
 def test_raw_sends_pass_when_raw_is_required() -> None:
@@ -408,6 +451,7 @@ def run_gate(config_file: Path, command: str | None, **environ: str) -> tuple[in
         log=effects.log,
         stderr=effects.write,
         exec_zfs=fake_exec,
+        lookup=PLAIN_SERVER,
     )
     return status, effects
 
@@ -654,7 +698,7 @@ def test_the_gate_accepts_every_command_the_daemon_builds(
 ) -> None:
     built, prefix = command
     config = gate.GateConfig(roots=ROOTS, prefix=prefix)
-    decision = gate.decide(shlex.join(built), config)
+    decision = gate.decide(shlex.join(built), config, PLAIN_SERVER)
     assert isinstance(decision, gate.Accepted), decision
     assert decision.command.argv == built
     assert within_grammar(built, ROOTS, prefix), built
@@ -959,7 +1003,7 @@ FUZZ_BATCH = 10  # command lines per example: 10,000 in all
 
 def check_fuzzed(line: str, prefix: str) -> bool:
     """True if the gate accepted ``line``, after checking it was right to."""
-    decision = gate.decide(line, gate.GateConfig(roots=ROOTS, prefix=prefix))
+    decision = gate.decide(line, gate.GateConfig(roots=ROOTS, prefix=prefix), PLAIN_SERVER)
     if isinstance(decision, gate.Refused):
         return False
     argv = decision.command.argv

@@ -185,7 +185,21 @@ def _parse_zfs(value: object, problems: list[tuple[str, str]]) -> str:
     return value
 
 
-# -- the decision (pure) -------------------------------------------------------------
+# -- the decision (pure but for the injected lookups) ----------------------------------
+
+
+class LookupFailed(PermanentError):
+    """One of the gate's own zfs queries failed: the command it was checking is refused."""
+
+    def __init__(self, argv: Sequence[str], reason: str) -> None:
+        self.argv: tuple[str, ...] = tuple(argv)
+        self.reason = reason
+        super().__init__(f"{' '.join(self.argv[1:3])} failed: {reason}")
+
+
+#: Runs one of the gate's own zfs queries (argv, zfs first) and returns its stdout;
+#: raises ``LookupFailed``. Injected: tests pass a fake, the gate ``run_lookup``.
+Lookup = Callable[[tuple[str, ...]], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +220,12 @@ class Refused:
 Decision = Accepted | Refused
 
 
-def decide(original_command: str | None, config: GateConfig) -> Decision:
-    """Accept ``original_command`` only if it is one of zbackupd's own zfs commands."""
+def decide(original_command: str | None, config: GateConfig, lookup: Lookup) -> Decision:
+    """Accept ``original_command`` only if it is one of zbackupd's own zfs commands.
+
+    ``lookup`` runs the gate's own read-only zfs queries (what the server's state says
+    about a send); it is only called for commands the grammar already accepted.
+    """
     argv = split_command(original_command)
     if isinstance(argv, Refused):
         return argv
@@ -285,6 +303,33 @@ def syslog_logger() -> Logger:
     return log
 
 
+#: How long one of the gate's own zfs queries may take before the command is refused.
+LOOKUP_TIMEOUT = 60.0
+
+
+def run_lookup(argv: tuple[str, ...]) -> str:
+    """Run one of the gate's own read-only zfs queries: argv only (never a shell), the
+    scrubbed environment, no stdin; its stdout, or ``LookupFailed``."""
+    import subprocess  # noqa: PLC0415 -- only sends need it; keeps every other command fast
+
+    try:
+        completed = subprocess.run(  # argv built by the gate, never a shell
+            argv,
+            env=exec_environment(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=LOOKUP_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        raise LookupFailed(argv, str(error) or type(error).__name__) from None
+    if completed.returncode != 0:
+        stderr = completed.stderr.decode("utf-8", "replace").strip()
+        first = stderr.splitlines()[0] if stderr else "(no stderr)"
+        raise LookupFailed(argv, f"exit {completed.returncode}: {printable(first, 200)}")
+    return completed.stdout.decode("utf-8", "replace")
+
+
 def _exec_zfs(program: str, argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
     os.execvpe(program, list(argv), dict(env))  # noqa: S606 -- argv only, no shell, fixed PATH
 
@@ -310,6 +355,7 @@ def run(
     log: Logger,
     stderr: Callable[[str], object],
     exec_zfs: Exec = _exec_zfs,
+    lookup: Lookup = run_lookup,
 ) -> int:
     """The whole gate with its effects injected; returns the exit status of a refusal.
 
@@ -326,7 +372,7 @@ def run(
         )
         stderr(f"{SYSLOG_IDENT}: refused: the gate is misconfigured on the server\n")
         return EXIT_BAD_CONFIG
-    decision = decide(original, config)
+    decision = decide(original, config, lookup)
     if isinstance(decision, Refused):
         log(
             syslog.LOG_WARNING,
