@@ -32,8 +32,10 @@ from zbackupd.zfs.argv import (
     Refusal,
     RemoteCommand,
     RemoteKind,
+    ResumeTokenContents,
     decode_resume_token,
     match_remote_argv,
+    send_is_raw,
 )
 
 #: Where the forced command reads its configuration unless ``--config`` says otherwise.
@@ -232,7 +234,7 @@ def decide(original_command: str | None, config: GateConfig, lookup: Lookup) -> 
     outcome = match_remote_argv(argv, config.roots, prefix=config.prefix)
     if isinstance(outcome, Refusal):
         return Refused(outcome.reason, argv)
-    not_permitted = _policy_refusal(outcome, config)
+    not_permitted = _policy_refusal(outcome, config) or _server_refusal(outcome, config, lookup)
     if not_permitted:
         return Refused(not_permitted, argv)
     return Accepted(outcome)
@@ -272,6 +274,89 @@ def _why_not_raw(command: RemoteCommand) -> str:
             return f"unreadable resume token: {error}"
         return "" if raw else "the resume token continues a non-raw send"
     return "" if "-w" in argv else "only raw sends (-w) are allowed"
+
+
+def _server_refusal(command: RemoteCommand, config: GateConfig, lookup: Lookup) -> str:
+    """Why the server's own state forbids a send the grammar accepts; empty if nothing does.
+
+    The client's word is not enough: a plaintext send (``-L -c``) is only for datasets
+    whose ``encryption`` is ``off`` (with the key loaded zfs would decrypt), and a resume
+    token is resolved by zfs by its GUIDs, which must be the named snapshot's own.
+    """
+    raw = send_is_raw(command)
+    if raw is True or command.kind not in (RemoteKind.SEND, RemoteKind.ESTIMATE):
+        return ""
+    (dataset,) = command.datasets
+    if raw is False:
+        return _plaintext_refusal(dataset, config, lookup, "a plaintext send (-L -c)")
+    try:
+        token = decode_resume_token(command.argv[-1])
+    except (InvalidArgument, names.InvalidName) as error:  # the grammar decoded it already
+        return f"unreadable resume token: {error}"
+    return _token_refusal(token, dataset, config, lookup)
+
+
+def _plaintext_refusal(dataset: str, config: GateConfig, lookup: Lookup, what: str) -> str:
+    """Empty if ``dataset``'s encryption is ``off``; otherwise (or if unknown) why not."""
+    try:
+        value = lookup((config.zfs, "get", "-H", "-o", "value", "encryption", dataset)).strip()
+    except LookupFailed as error:
+        return f"cannot check the encryption of {dataset}: {error.reason}"
+    if value == "off":
+        return ""
+    shown = printable(value, 40) or "(empty)"
+    return f"{what} of {dataset} is not allowed: it is encrypted ({shown}); send it raw (-w)"
+
+
+def _token_refusal(
+    token: ResumeTokenContents, dataset: str, config: GateConfig, lookup: Lookup
+) -> str:
+    """Empty if the token's GUIDs are those of its snapshot (and incremental source) in
+    ``dataset`` and its flags fit the dataset; otherwise why not. Only name-based lookups
+    run: a made-up GUID never reaches zfs, so nothing walks the pool for it."""
+    if token.saved:
+        return "resume tokens of a saved receive (savedok) are not allowed"
+    if token.redaction:
+        return f"resume tokens with redaction fields ({', '.join(token.redaction)}) are not allowed"
+    why_not = _toguid_refusal(token, config, lookup) or _fromguid_refusal(
+        token, dataset, config, lookup
+    )
+    if why_not or token.raw:
+        return why_not
+    return _plaintext_refusal(dataset, config, lookup, "a non-raw resume (token without rawok)")
+
+
+def _toguid_refusal(token: ResumeTokenContents, config: GateConfig, lookup: Lookup) -> str:
+    try:
+        guid = lookup((config.zfs, "get", "-H", "-p", "-o", "value", "guid", token.toname))
+    except LookupFailed as error:
+        return f"cannot check the resume token's snapshot {token.toname}: {error.reason}"
+    if _parse_guids(guid) != [token.toguid]:
+        return f"the resume token's toguid {token.toguid} is not the guid of {token.toname}"
+    return ""
+
+
+def _fromguid_refusal(
+    token: ResumeTokenContents, dataset: str, config: GateConfig, lookup: Lookup
+) -> str:
+    if token.fromguid is None:
+        return ""
+    listing = (config.zfs, "list", "-H", "-p", "-o", "guid", "-t", "snapshot,bookmark")
+    try:
+        versions = lookup((*listing, "-d", "1", dataset))
+    except LookupFailed as error:
+        return f"cannot list the snapshots and bookmarks of {dataset}: {error.reason}"
+    if token.fromguid in _parse_guids(versions):
+        return ""
+    return (
+        f"the resume token's incremental source (guid {token.fromguid}) is not a "
+        f"snapshot or bookmark of {dataset}"
+    )
+
+
+def _parse_guids(text: str) -> list[int]:
+    """One decimal guid per line (``-H -p``); a line that is not one yields -1."""
+    return [int(line) if line.isascii() and line.isdigit() else -1 for line in text.split()]
 
 
 def exec_environment() -> dict[str, str]:

@@ -448,12 +448,21 @@ _MAX_UNPACKED_TOKEN = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class ResumeTokenContents:
-    """What a receive resume token says it continues: which snapshot, from where."""
+    """What a receive resume token says it continues: which snapshot, from where.
+
+    zfs resolves a token by its GUIDs (libzfs ``guid_to_name`` walks up from ``toname``'s
+    dataset to the pool), not by ``toname``: the gate checks them against the server.
+    ``saved``: a token of a saved partial receive (``savedok``), which libzfs resolves by
+    name instead. ``redaction``: the names of any redaction fields (``redact_snaps``,
+    ``book_redact_snaps``), which pull in further snapshots by GUID.
+    """
 
     toname: str
     toguid: int
     fromguid: int | None
     raw: bool
+    saved: bool = False
+    redaction: tuple[str, ...] = ()
 
 
 def _bad_token(token: str, reason: str) -> InvalidArgument:
@@ -484,7 +493,7 @@ def decode_resume_token(token: str) -> ResumeTokenContents:
         raise _bad_token(token, f"payload does not inflate: {error}") from None
     if len(packed) != expected:
         raise _bad_token(token, "unpacked length differs from the header")
-    fields = _unpack_native_nvlist(packed, token)
+    fields, seen = _unpack_native_nvlist(packed, token)
     toname = fields.get("toname")
     toguid = fields.get("toguid")
     fromguid = fields.get("fromguid")
@@ -494,25 +503,32 @@ def decode_resume_token(token: str) -> ResumeTokenContents:
     return ResumeTokenContents(
         toname=toname,
         toguid=toguid,
-        fromguid=fromguid if isinstance(fromguid, int) else None,
-        raw="rawok" in fields,
+        # libzfs treats a missing fromguid and a zero one alike: a full send.
+        fromguid=fromguid if isinstance(fromguid, int) and fromguid else None,
+        raw="rawok" in seen,
+        saved="savedok" in seen,
+        redaction=tuple(name for name in seen if "redact" in name),
     )
 
 
-def _unpack_native_nvlist(packed: bytes, token: str) -> dict[str, str | int | bool]:
+def _unpack_native_nvlist(
+    packed: bytes, token: str
+) -> tuple[dict[str, str | int | bool], tuple[str, ...]]:
     """The flat name → value pairs of a natively packed nvlist (strings, uint64s and
-    booleans; other types are skipped by their recorded size)."""
+    booleans; other types are skipped by their recorded size), and the names of every
+    pair, whatever its type."""
     if len(packed) < _NVLIST_HEADER or packed[0] != 0 or packed[1] not in (0, 1):
         raise _bad_token(token, "not a natively encoded nvlist")
     order = "<" if packed[1] == 1 else ">"
     offset = _NVLIST_HEADER
     fields: dict[str, str | int | bool] = {}
+    seen: list[str] = []
     while True:
         if offset + 4 > len(packed):
             raise _bad_token(token, "nvlist truncated")
         (size,) = struct.unpack_from(f"{order}i", packed, offset)
         if size == 0:
-            return fields
+            return fields, tuple(seen)
         if size < _NVPAIR_HEADER or offset + size > len(packed):
             raise _bad_token(token, "nvpair size out of bounds")
         _, name_size, _, _, kind = struct.unpack_from(f"{order}ihhii", packed, offset)
@@ -520,6 +536,7 @@ def _unpack_native_nvlist(packed: bytes, token: str) -> dict[str, str | int | bo
             raise _bad_token(token, "nvpair name out of bounds")
         pair = packed[offset : offset + size]
         name = pair[_NVPAIR_HEADER : _NVPAIR_HEADER + name_size - 1].decode("ascii", "replace")
+        seen.append(name)
         value_at = (_NVPAIR_HEADER + name_size + 7) // 8 * 8
         if kind == _NV_TYPE_BOOLEAN:
             fields[name] = True
@@ -667,6 +684,15 @@ class Refusal:
 
     argv: Argv
     reason: str
+
+
+def send_is_raw(command: RemoteCommand) -> bool | None:
+    """For a send or estimate: True if raw (``-w``), False if it sends plaintext (``-L -c``),
+    None if a resume token decides (``-t``). None for anything that is not a send."""
+    tokens = _SHAPES_BY_NAME[command.shape].tokens
+    if command.kind not in (RemoteKind.SEND, RemoteKind.ESTIMATE) or Slot.RESUME_TOKEN in tokens:
+        return None
+    return "-w" in tokens
 
 
 def match_remote_argv(
