@@ -2,13 +2,13 @@
 
 Standard library only: ``zbackupd-gate`` imports this module on the backup server.
 
-Commands that may run on the server (list, get, holds, snapshot, hold, release,
+Commands that may run on the server (list, holds, snapshot, hold, release,
 bookmark, destroy of own names, send) are described ONCE, in ``REMOTE_SHAPES``: the
 builders render their argv from those shapes, and ``match_remote_argv`` (the gate's
 check) accepts an argv only if it fits one of them. One grammar, two users: whatever
 the daemon builds, the gate accepts, and nothing else.
 
-Local-only commands (receive, zpool, keys) are plain builders below the table.
+Local-only commands (receive, get, zpool, keys) are plain builders below the table.
 Every builder validates its inputs and raises a typed error; none of them takes a
 secret (keys travel on stdin, see ``facade.Zfs.load_key``).
 """
@@ -43,30 +43,10 @@ POOL_LIST_FIELDS = "name,guid,health"
 #: ``zfs send`` dry run with a parsable size estimate (design.md §4).
 ESTIMATE_FLAGS = "-nvP"
 
-#: Dataset properties zbackupd reads (and the only ones the gate lets a client read).
-DATASET_PROPERTIES = frozenset(
-    {
-        "available",
-        "canmount",
-        "createtxg",
-        "creation",
-        "encryption",
-        "encryptionroot",
-        "guid",
-        "keyformat",
-        "keylocation",
-        "keystatus",
-        "mounted",
-        "mountpoint",
-        "name",
-        "origin",
-        "readonly",
-        "receive_resume_token",
-        "type",
-        "used",
-        "written",
-    }
-)
+#: Dataset properties zbackupd reads with ``zfs get``, on its own disk pools only: the
+#: daemon reads nothing of the server with ``zfs get`` (what it needs comes from ``zfs
+#: list -o``), so ``get`` is not in ``REMOTE_SHAPES`` and the gate refuses every one.
+DATASET_PROPERTIES = frozenset({"encryptionroot", "keystatus", "receive_resume_token", "written"})
 #: Pool properties zbackupd reads with ``zpool get``.
 POOL_PROPERTIES = frozenset(
     {
@@ -121,7 +101,6 @@ class Slot(Enum):
     INCREMENTAL_SOURCE = "snapshot or bookmark"
     OWN_BOOKMARK = "own cursor bookmark"
     OWN_HOLD_TAG = "own hold tag"
-    PROPERTIES = "comma-separated readable properties"
     RESUME_TOKEN = "receive resume token"  # noqa: S105 -- a slot label, not a secret
 
 
@@ -139,7 +118,6 @@ class RemoteKind(Enum):
     """What a remote command does; the gate logs it and may rate-limit by it."""
 
     LIST = "list"
-    GET = "get"
     HOLDS = "holds"
     SNAPSHOT = "snapshot"
     HOLD = "hold"
@@ -247,12 +225,6 @@ REMOTE_SHAPES: tuple[RemoteShape, ...] = (
         repeat_last=True,
     ),
     RemoteShape(
-        "get",
-        RemoteKind.GET,
-        (ZFS, "get", "-H", "-p", "-o", PROPERTY_FIELDS, Slot.PROPERTIES, Slot.DATASET),
-        repeat_last=True,
-    ),
-    RemoteShape(
         "holds", RemoteKind.HOLDS, (ZFS, "holds", "-H", "-p", Slot.SNAPSHOT), repeat_last=True
     ),
     RemoteShape(
@@ -355,11 +327,6 @@ def _check_own_hold_tag(value: str, policy: _Policy) -> tuple[str, ...]:
     return ()
 
 
-def _check_property_list(value: str, policy: _Policy) -> tuple[str, ...]:
-    _check_properties(value.split(","), DATASET_PROPERTIES)
-    return ()
-
-
 def _check_resume_token(value: str, policy: _Policy) -> tuple[str, ...]:
     dataset, _ = names.split_snapshot_name(decode_resume_token(value).toname)
     policy.require_within(dataset)
@@ -376,7 +343,6 @@ _SLOT_CHECKS: dict[Slot, Callable[[str, _Policy], tuple[str, ...]]] = {
     Slot.INCREMENTAL_SOURCE: _check_incremental_source,
     Slot.OWN_BOOKMARK: _check_own_bookmark,
     Slot.OWN_HOLD_TAG: _check_own_hold_tag,
-    Slot.PROPERTIES: _check_property_list,
     Slot.RESUME_TOKEN: _check_resume_token,
 }
 
@@ -588,9 +554,12 @@ def list_datasets(roots: Iterable[str]) -> Argv:
 
 
 def get_properties(datasets: Iterable[str], properties: Iterable[str]) -> Argv:
-    """``zfs get -H -p -o name,property,value <props> <datasets>``."""
+    """``zfs get -H -p -o name,property,value <props> <datasets>``: local only (the disk
+    pool); the gate refuses every ``zfs get``."""
     props = _one_or_more("properties", properties)
-    return _render("get", ",".join(props), _one_or_more("datasets", datasets))
+    _check_properties(props, DATASET_PROPERTIES)
+    targets = [names.validate_dataset_name(name) for name in _one_or_more("datasets", datasets)]
+    return (ZFS, "get", "-H", "-p", "-o", PROPERTY_FIELDS, ",".join(props), *targets)
 
 
 def holds(snapshots: Iterable[str]) -> Argv:
