@@ -216,6 +216,41 @@ def test_config_path_comes_from_the_forced_command_only() -> None:
         gate.config_path(["--config", "/srv/g.toml", "--debug"])
 
 
+def test_config_path_takes_the_equals_form_too() -> None:
+    assert gate.config_path(["--config=/srv/g.toml"]) == "/srv/g.toml"
+    for bad in (["--config"], ["--config", "/a", "--config", "/b"], ["/srv/g.toml"], ["-c", "x"]):
+        with pytest.raises(gate.GateConfigError):
+            gate.config_path(bad)
+
+
+def test_check_config_says_ok(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gate.main(["--check-config", str(config_file)]) == 0
+    assert capsys.readouterr().out == f"{config_file}: ok\n"
+
+
+def test_check_config_prints_every_problem_with_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "gate.toml"
+    bad.write_text('roots = ["tank", 3]\nallow_destroy = "yes"\nbogus = 1\n')
+    assert gate.main(["--check-config", str(bad)]) == gate.EXIT_BAD_CONFIG
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith(f"{bad}: ") for line in lines)
+    assert {line.split(": ")[1] for line in lines} == {"roots[1]", "allow_destroy", "bogus"}
+
+
+def test_check_config_of_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.toml"
+    assert gate.main(["--check-config", str(missing)]) == gate.EXIT_BAD_CONFIG
+    assert capsys.readouterr().out == f"{missing}: No such file or directory\n"
+
+
+def test_check_config_needs_exactly_one_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gate.main(["--check-config"]) == gate.EXIT_BAD_CONFIG
+    assert "--check-config" in capsys.readouterr().err
+
+
 # -- the decision ----------------------------------------------------------------------
 
 
@@ -685,6 +720,28 @@ def test_a_broken_config_refuses_everything(tmp_path: Path) -> None:
     assert priority == syslog.LOG_ERR
     assert "allow_everything" in line
     assert str(bad) in line
+
+
+def test_an_admin_at_a_terminal_is_told_what_is_wrong_with_the_config(tmp_path: Path) -> None:
+    """Over SSH (no pty: restrict) the client only learns "misconfigured"; an admin testing
+    the gate by hand at a terminal gets the file and key too."""
+    bad = tmp_path / "gate.toml"
+    bad.write_text('roots = ["tank"]\nallow_everything = true\n')
+    for terminal in (False, True):
+        effects = Effects()
+        status = gate.run(
+            ["--config", str(bad)],
+            {"SSH_ORIGINAL_COMMAND": f"zfs holds -H -p {SNAP}"},
+            log=effects.log,
+            stderr=effects.write,
+            exec_zfs=fake_exec,
+            lookup=PLAIN_SERVER,
+            stderr_is_terminal=terminal,
+        )
+        assert status == gate.EXIT_BAD_CONFIG
+        detailed = "allow_everything" in "".join(effects.stderr)
+        assert detailed is terminal
+        assert "misconfigured" in effects.stderr[0]
 
 
 def test_a_missing_zfs_is_reported(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ imports ``zbackupd.errors``, ``zbackupd.zfs.names`` and ``zbackupd.zfs.argv`` (a
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -421,16 +420,32 @@ def _exec_zfs(program: str, argv: Sequence[str], env: Mapping[str, str]) -> NoRe
 
 def config_path(args: Sequence[str]) -> str:
     """The ``--config`` path from the forced command's own arguments (the admin's, not the
-    client's); anything else there is a configuration error."""
-    parser = argparse.ArgumentParser(prog=SYSLOG_IDENT, add_help=False, exit_on_error=False)
-    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    client's): none, ``--config PATH`` or ``--config=PATH``; anything else is a
+    configuration error."""
+    match list(args):
+        case []:
+            return DEFAULT_CONFIG_PATH
+        case [word] if word.startswith("--config=") and word != "--config=":
+            return word.removeprefix("--config=")
+        case ["--config", path] if path:
+            return str(path)
+    words = list(args)
+    raise GateConfigError(
+        "(command line)", [("", f"expected [--config PATH], got arguments {words!r}")]
+    )
+
+
+def check_config(path: str, out: Callable[[str], object]) -> int:
+    """``--check-config FILE``: one line per problem (``FILE: key: reason``) or
+    ``FILE: ok``; the exit status."""
     try:
-        options, unknown = parser.parse_known_args(list(args))
-    except argparse.ArgumentError as error:
-        raise GateConfigError("(command line)", [("", str(error))]) from None
-    if unknown:
-        raise GateConfigError("(command line)", [("", f"unknown arguments {unknown!r}")])
-    return str(options.config)
+        load_config(path)
+    except GateConfigError as error:
+        for key, reason in error.problems:
+            out(f"{path}: {key}: {reason}\n" if key else f"{path}: {reason}\n")
+        return EXIT_BAD_CONFIG
+    out(f"{path}: ok\n")
+    return 0
 
 
 def run(
@@ -441,10 +456,14 @@ def run(
     stderr: Callable[[str], object],
     exec_zfs: Exec = _exec_zfs,
     lookup: Lookup = run_lookup,
+    stderr_is_terminal: bool = False,
 ) -> int:
     """The whole gate with its effects injected; returns the exit status of a refusal.
 
     On acceptance it does not return: ``exec_zfs`` replaces the process with zfs.
+    Refusals go to syslog and, one line, to ``stderr`` (the client's, over SSH). What is
+    wrong with the configuration stays in syslog unless ``stderr_is_terminal`` (an admin
+    running the gate by hand).
     """
     client = printable(environ.get("SSH_CONNECTION", "").split(" ", 1)[0] or "local", 64)
     original = environ.get("SSH_ORIGINAL_COMMAND")
@@ -456,6 +475,8 @@ def run(
             syslog.LOG_ERR, f"refused from {client}: {printable(str(error), 1000)}; command={shown}"
         )
         stderr(f"{SYSLOG_IDENT}: refused: the gate is misconfigured on the server\n")
+        if stderr_is_terminal:
+            stderr(f"{SYSLOG_IDENT}: {printable(str(error), 2000)}\n")
         return EXIT_BAD_CONFIG
     decision = decide(original, config, lookup)
     if isinstance(decision, Refused):
@@ -481,12 +502,21 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point ``zbackupd-gate [--config PATH]``."""
+    """Console entry point: ``zbackupd-gate [--config PATH]`` as the forced command, or
+    ``zbackupd-gate --check-config FILE`` to validate a configuration by hand."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    match args:
+        case ["--check-config", path]:
+            return check_config(path, sys.stdout.write)
+        case ["--check-config", *_]:
+            sys.stderr.write(f"usage: {SYSLOG_IDENT} --check-config FILE\n")
+            return EXIT_BAD_CONFIG
     return run(
-        sys.argv[1:] if argv is None else argv,
+        args,
         os.environ,
         log=syslog_logger(),
         stderr=sys.stderr.write,
+        stderr_is_terminal=sys.stderr.isatty(),
     )
 
 
