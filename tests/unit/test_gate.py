@@ -794,7 +794,7 @@ STANDALONE_FILES = (
     "zbackupd/__init__.py",
     "zbackupd/errors.py",
     "zbackupd/core/__init__.py",
-    "zbackupd/core/model.py",
+    "zbackupd/core/values.py",
     "zbackupd/server/__init__.py",
     "zbackupd/server/gate.py",
     "zbackupd/zfs/__init__.py",

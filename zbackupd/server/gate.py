@@ -9,21 +9,19 @@ stderr, a line in syslog/journal, a non-zero exit.
 
 Standard library only: it runs on a server that may have nothing but ``python3``. It
 imports ``zbackupd.errors``, ``zbackupd.zfs.names`` and ``zbackupd.zfs.argv`` (and
-``zbackupd.core.model``, which argv uses), never the daemon's dependencies.
+``zbackupd.core.values``, which argv uses), never the daemon's dependencies.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shlex
 import sys
 import syslog
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import NoReturn
 
+from zbackupd.core.values import Record
 from zbackupd.errors import PermanentError
 from zbackupd.zfs import names
 from zbackupd.zfs.argv import (
@@ -69,8 +67,7 @@ class GateConfigError(PermanentError):
         super().__init__(f"invalid gate configuration {path}: {listed}")
 
 
-@dataclass(frozen=True, slots=True)
-class GateConfig:
+class GateConfig(Record):
     """What the gate allows: datasets under ``roots``, and which kinds of writes.
 
     ``allow_snapshot``: ``zfs snapshot`` of zbackupd's own run snapshots.
@@ -80,13 +77,33 @@ class GateConfig:
     raw send): only for servers whose datasets are all encrypted.
     """
 
+    __slots__ = ("allow_destroy", "allow_snapshot", "prefix", "require_raw", "roots", "zfs")
     roots: tuple[str, ...]
-    allow_snapshot: bool = True
-    allow_destroy: bool = True
-    require_raw: bool = False
-    prefix: str = names.DEFAULT_PREFIX
+    allow_snapshot: bool
+    allow_destroy: bool
+    require_raw: bool
+    prefix: str
     #: An absolute path, or a bare name looked up in ``SAFE_PATH`` only.
-    zfs: str = "zfs"
+    zfs: str
+
+    def __init__(
+        self,
+        roots: tuple[str, ...],
+        *,
+        allow_snapshot: bool = True,
+        allow_destroy: bool = True,
+        require_raw: bool = False,
+        prefix: str = names.DEFAULT_PREFIX,
+        zfs: str = "zfs",
+    ) -> None:
+        self._init(
+            roots=roots,
+            allow_snapshot=allow_snapshot,
+            allow_destroy=allow_destroy,
+            require_raw=require_raw,
+            prefix=prefix,
+            zfs=zfs,
+        )
 
 
 _DEFAULTS = GateConfig(roots=())
@@ -96,6 +113,7 @@ _KNOWN_KEYS = frozenset({"roots", "prefix", "zfs", *_BOOLEAN_KEYS})
 
 def parse_config(text: str, path: str) -> GateConfig:
     """Parse and strictly validate a gate TOML document; every problem in one error."""
+    import tomllib  # noqa: PLC0415 -- imported when used: the gate's start-up time counts
     try:
         raw = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as error:
@@ -203,19 +221,25 @@ class LookupFailed(PermanentError):
 Lookup = Callable[[tuple[str, ...]], str]
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(Record):
     """The command may run: exactly ``command.argv``, with zfs from the configuration."""
 
+    __slots__ = ("command",)
     command: RemoteCommand
 
+    def __init__(self, command: RemoteCommand) -> None:
+        self._init(command=command)
 
-@dataclass(frozen=True, slots=True)
-class Refused:
+
+class Refused(Record):
     """The command must not run. ``reason`` goes to the client's stderr and the log."""
 
+    __slots__ = ("argv", "reason")
     reason: str
-    argv: tuple[str, ...] | None = None
+    argv: tuple[str, ...] | None
+
+    def __init__(self, reason: str, argv: tuple[str, ...] | None = None) -> None:
+        self._init(reason=reason, argv=argv)
 
 
 Decision = Accepted | Refused
@@ -243,6 +267,7 @@ def split_command(original_command: str | None) -> tuple[str, ...] | Refused:
     """The client's command line as argv, split like a POSIX shell would but never run by one."""
     if original_command is None:
         return Refused("no command given: interactive logins are not allowed")
+    import shlex  # noqa: PLC0415 -- imported when used: the gate's start-up time counts
     try:
         argv = tuple(shlex.split(original_command))
     except ValueError as error:

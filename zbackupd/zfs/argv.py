@@ -16,13 +16,10 @@ secret (keys travel on stdin, see ``facade.Zfs.load_key``).
 from __future__ import annotations
 
 import re
-import struct
-import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 
-from zbackupd.core.model import Encryption
+from zbackupd.core.values import Encryption, Record
 from zbackupd.errors import PermanentError
 from zbackupd.zfs import names
 from zbackupd.zfs.names import InvalidName
@@ -104,11 +101,14 @@ class Slot(Enum):
     RESUME_TOKEN = "receive resume token"  # noqa: S105 -- a slot label, not a secret
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(Record):
     """A place that holds one of a few fixed words."""
 
+    __slots__ = ("options",)
     options: tuple[str, ...]
+
+    def __init__(self, options: tuple[str, ...]) -> None:
+        self._init(options=options)
 
 
 Token = str | Choice | Slot
@@ -128,8 +128,7 @@ class RemoteKind(Enum):
     ESTIMATE = "estimate"
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteShape:
+class RemoteShape(Record):
     """One accepted argv shape: fixed words, choices and value slots, in order.
 
     ``repeat_last``: the last slot may occur one or more times.
@@ -137,11 +136,24 @@ class RemoteShape:
     of its own snapshot; an incremental send within one dataset).
     """
 
+    __slots__ = ("kind", "name", "repeat_last", "same_dataset", "tokens")
     name: str
     kind: RemoteKind
     tokens: tuple[Token, ...]
-    repeat_last: bool = False
-    same_dataset: bool = False
+    repeat_last: bool
+    same_dataset: bool
+
+    def __init__(
+        self,
+        name: str,
+        kind: RemoteKind,
+        tokens: tuple[Token, ...],
+        repeat_last: bool = False,
+        same_dataset: bool = False,
+    ) -> None:
+        self._init(
+            name=name, kind=kind, tokens=tokens, repeat_last=repeat_last, same_dataset=same_dataset
+        )
 
 
 def _send_shapes() -> tuple[RemoteShape, ...]:
@@ -258,13 +270,18 @@ REMOTE_SHAPES: tuple[RemoteShape, ...] = (
 _SHAPES_BY_NAME = {shape.name: shape for shape in REMOTE_SHAPES}
 
 
-@dataclass(frozen=True, slots=True)
-class _Policy:
+class _Policy(Record):
     """How strictly slots are checked: syntax only (builders) or also roots and ownership
     (the gate, which knows the configured roots and prefix)."""
 
-    roots: tuple[str, ...] | None = None
-    prefix: str = names.DEFAULT_PREFIX
+    __slots__ = ("prefix", "roots")
+    roots: tuple[str, ...] | None
+    prefix: str
+
+    def __init__(
+        self, roots: tuple[str, ...] | None = None, prefix: str = names.DEFAULT_PREFIX
+    ) -> None:
+        self._init(roots=roots, prefix=prefix)
 
     def require_within(self, dataset: str) -> None:
         if self.roots is not None and not names.within_roots(dataset, self.roots):
@@ -412,8 +429,7 @@ _NVPAIR_HEADER = 16  # nvp_size, nvp_name_sz, nvp_reserve, nvp_value_elem, nvp_t
 _MAX_UNPACKED_TOKEN = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class ResumeTokenContents:
+class ResumeTokenContents(Record):
     """What a receive resume token says it continues: which snapshot, from where.
 
     zfs resolves a token by its GUIDs (libzfs ``guid_to_name`` walks up from ``toname``'s
@@ -423,12 +439,32 @@ class ResumeTokenContents:
     ``book_redact_snaps``), which pull in further snapshots by GUID.
     """
 
+    __slots__ = ("fromguid", "raw", "redaction", "saved", "toguid", "toname")
     toname: str
     toguid: int
     fromguid: int | None
     raw: bool
-    saved: bool = False
-    redaction: tuple[str, ...] = ()
+    saved: bool
+    redaction: tuple[str, ...]
+
+    def __init__(
+        self,
+        toname: str,
+        toguid: int,
+        *,
+        fromguid: int | None,
+        raw: bool,
+        saved: bool = False,
+        redaction: tuple[str, ...] = (),
+    ) -> None:
+        self._init(
+            toname=toname,
+            toguid=toguid,
+            fromguid=fromguid,
+            raw=raw,
+            saved=saved,
+            redaction=redaction,
+        )
 
 
 def _bad_token(token: str, reason: str) -> InvalidArgument:
@@ -437,6 +473,8 @@ def _bad_token(token: str, reason: str) -> InvalidArgument:
 
 def decode_resume_token(token: str) -> ResumeTokenContents:
     """Decode ``token`` (checksum, zlib, native nvlist) or raise ``InvalidArgument``."""
+    import struct  # noqa: PLC0415 -- only tokens need them: the gate imports them lazily
+    import zlib  # noqa: PLC0415 -- (see above)
     if len(token) > _MAX_RESUME_TOKEN_LENGTH or not _RESUME_TOKEN_RE.fullmatch(token):
         raise _bad_token(token, "not <version>-<hex>-<hex>-<hex>")
     version, checksum, unpacked_length, payload_hex = token.split("-")
@@ -483,6 +521,8 @@ def _unpack_native_nvlist(
     """The flat name → value pairs of a natively packed nvlist (strings, uint64s and
     booleans; other types are skipped by their recorded size), and the names of every
     pair, whatever its type."""
+    import struct  # noqa: PLC0415 -- only tokens need it: the gate imports it lazily
+
     if len(packed) < _NVLIST_HEADER or packed[0] != 0 or packed[1] not in (0, 1):
         raise _bad_token(token, "not a natively encoded nvlist")
     order = "<" if packed[1] == 1 else ">"
@@ -637,22 +677,30 @@ def send_resume(token: str, *, estimate: bool = False) -> Argv:
 # -- the gate's matcher ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteCommand:
+class RemoteCommand(Record):
     """An argv the gate accepts: which shape, what kind, which datasets it touches."""
 
+    __slots__ = ("argv", "datasets", "kind", "shape")
     shape: str
     kind: RemoteKind
     argv: Argv
     datasets: tuple[str, ...]
 
+    def __init__(
+        self, shape: str, kind: RemoteKind, argv: Argv, datasets: tuple[str, ...]
+    ) -> None:
+        self._init(shape=shape, kind=kind, argv=argv, datasets=datasets)
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
+
+class Refusal(Record):
     """Why the gate refuses an argv (logged on the server, sent back on stderr)."""
 
+    __slots__ = ("argv", "reason")
     argv: Argv
     reason: str
+
+    def __init__(self, argv: Argv, reason: str) -> None:
+        self._init(argv=argv, reason=reason)
 
 
 def send_is_raw(command: RemoteCommand) -> bool | None:
