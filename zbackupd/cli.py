@@ -174,14 +174,19 @@ def _keysetup(args: argparse.Namespace) -> int:
 
 def _keygen(args: argparse.Namespace) -> int:
     from zbackupd.keys.derivation import KeyStore
-    from zbackupd.keys.sshkey import authorized_keys_line, generate_identity
+    from zbackupd.keys.sshkey import (
+        DEFAULT_GATE_COMMAND,
+        authorized_keys_line,
+        generate_identity,
+    )
 
     config = _load(args)
     with _read_passphrase(args, "zbackupd passphrase: ") as passphrase:
         master = KeyStore(config.daemon.keys_dir).unlock_blocking(passphrase)
     with master, master.ssh_passphrase() as ssh_passphrase:
         public = generate_identity(config.daemon.ssh_key_file, ssh_passphrase)
-    print(authorized_keys_line(public, gate_command=args.gate_command, from_=args.source_address))
+    gate_command = args.gate_command or DEFAULT_GATE_COMMAND
+    print(authorized_keys_line(public, gate_command=gate_command, from_=args.source_address))
     return EXIT_OK
 
 
@@ -297,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen = command("keygen", _keygen,
                      "make the SSH identity (stored encrypted) and print its authorized_keys line")
-    keygen.add_argument("--gate-command", default="zbackupd-gate --config /etc/zbackupd/gate.toml")
+    keygen.add_argument("--gate-command", default=None,
+                        help="the forced command, starting with the gate's absolute path "
+                        "(default: /opt/zbackupd-gate/bin/zbackupd-gate --config "
+                        "/etc/zbackupd/gate.toml, as docs/server-setup.md installs it)")
     keygen.add_argument("--source-address", default=None,
                         help="restrict the key to this client address (from=)")
     takes_passphrase(keygen)

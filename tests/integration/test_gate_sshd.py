@@ -25,6 +25,7 @@ from zbackupd.zfs import parse
 from zbackupd.zfs.runner import LocalRunner
 
 ROOT = "tank/data"
+SECURE = "tank/data/secure"
 SNAP = f"{ROOT}@zbackupd_20250101T000000Z"
 SNAP2 = f"{ROOT}@zbackupd_20250102T000000Z"
 MARK = f"{ROOT}#zbackupd_disk1"
@@ -53,7 +54,7 @@ def gate_command() -> Path:
 
 @pytest.fixture
 def gated(tmp_path: Path) -> Iterator[GatedServer]:
-    zfs = install_stub_zfs(tmp_path / "bin")
+    zfs = install_stub_zfs(tmp_path / "bin", encrypted=[SECURE])
     config = tmp_path / "gate.toml"
     config.write_text(f'roots = ["{ROOT}"]\nzfs = "{zfs.path}"\n')
     options = f'restrict,command="{gate_command()} --config {config}"'
@@ -93,7 +94,8 @@ async def test_a_send_streams_through_the_gate_intact(gated: GatedServer) -> Non
         result = await stream(
             remote, send_argv, LocalRunner(), [sys.executable, "-c", SHA256_OF_STDIN]
         )
-    ((stub_argv),) = gated.zfs.calls()
+    lookup, stub_argv = gated.zfs.calls()  # the gate checked the encryption first
+    assert lookup[1:] == ("get", "-H", "-o", "value", "encryption", ROOT)
     assert stub_argv[1:] == send_argv[1:]
     assert result.bytes_transferred == SEND_SIZE
     expected = hashlib.sha256(send_payload(stub_argv)).hexdigest()
@@ -124,6 +126,23 @@ async def test_hostile_commands_on_the_same_connection_are_refused(gated: GatedS
             assert caught.value.stderr.count("\n") == 1
         await remote.run(zargv.holds([SNAP]))  # the connection still works
     assert [call[1] for call in gated.zfs.calls()] == ["holds", "holds"]
+
+
+async def test_a_plaintext_send_of_an_encrypted_dataset_is_refused(gated: GatedServer) -> None:
+    """The gate asks zfs itself; only the raw send of the encrypted dataset goes through."""
+    snapshot = f"{SECURE}@zbackupd_20250101T000000Z"
+    async with await connect(gated.sshd.target(), gated.sshd.client_key) as remote:
+        for argv in (
+            zargv.send_full(snapshot, Encryption.PLAIN),
+            zargv.send_full(snapshot, Encryption.PLAIN, estimate=True),
+        ):
+            with pytest.raises(CommandError) as caught:
+                await remote.run(argv)
+            assert caught.value.returncode == gate.EXIT_REFUSED
+            assert "encrypted" in caught.value.stderr
+        result = await remote.run(zargv.send_full(snapshot, Encryption.ENCRYPTED, estimate=True))
+    assert parse.parse_send_estimate(result.text) == SEND_SIZE
+    assert [call[1] for call in gated.zfs.calls()] == ["get", "get", "send"]
 
 
 def test_unquoted_shell_syntax_from_an_openssh_client_is_refused(

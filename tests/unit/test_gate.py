@@ -27,6 +27,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.integration.stub_zfs import guid_of
 from zbackupd.core.model import Encryption
 from zbackupd.server import gate
 from zbackupd.zfs import argv as zargv
@@ -41,20 +42,38 @@ SNAP2 = "tank/data@zbackupd_20250102T000000Z"
 MARK = "tank/data#zbackupd_disk1"
 
 
-def encode_token(toname: str, *, raw: bool, toguid: int = 7) -> str:
+def encode_token(
+    toname: str,
+    *,
+    raw: bool,
+    toguid: int | None = None,
+    fromguid: int | None = None,
+    flags: Sequence[str] = (),
+    arrays: Mapping[str, Sequence[int]] | None = None,
+) -> str:
     """A receive resume token encoded the way the kernel does (native nvlist, zlib,
-    fletcher4 word 0), written independently of ``zbackupd.zfs.argv``."""
+    fletcher4 word 0), written independently of ``zbackupd.zfs.argv``.
 
-    def pair(name: str, kind: int, value: bytes) -> bytes:
+    ``toguid`` defaults to the stub's guid of ``toname``; ``flags`` adds boolean pairs
+    (``savedok``); ``arrays`` adds uint64 arrays (``redact_snaps``)."""
+
+    def pair(name: str, kind: int, value: bytes, count: int | None = None) -> bytes:
         name_bytes = name.encode() + b"\0"
-        head = struct.pack("<hhii", len(name_bytes), 0, 1 if value else 0, kind) + name_bytes
+        elements = (1 if value else 0) if count is None else count
+        head = struct.pack("<hhii", len(name_bytes), 0, elements, kind) + name_bytes
         head += b"\0" * (-(len(head) + 4) % 8)
         body = value + b"\0" * (-len(value) % 8)
         return struct.pack("<i", 4 + len(head) + len(body)) + head + body
 
-    pairs = [pair("object", 8, struct.pack("<Q", 1)), pair("toguid", 8, struct.pack("<Q", toguid))]
-    if raw:
-        pairs.append(pair("rawok", 1, b""))
+    guid = guid_of(toname) if toguid is None else toguid
+    pairs = [pair("object", 8, struct.pack("<Q", 1))]
+    if fromguid is not None:
+        pairs.append(pair("fromguid", 8, struct.pack("<Q", fromguid)))
+    pairs.append(pair("toguid", 8, struct.pack("<Q", guid)))
+    for flag in (*(("rawok",) if raw else ()), *flags):
+        pairs.append(pair(flag, 1, b""))
+    for name, values in (arrays or {}).items():
+        pairs.append(pair(name, 17, struct.pack(f"<{len(values)}Q", *values), len(values)))
     pairs.append(pair("toname", 9, toname.encode() + b"\0"))
     packed = b"\0\1\0\0" + struct.pack("<iI", 0, 1) + b"".join(pairs) + b"\0" * 8
     payload = zlib.compress(packed)
@@ -63,6 +82,46 @@ def encode_token(toname: str, *, raw: bool, toguid: int = 7) -> str:
     return f"1-{checksum:x}-{len(packed):x}-{payload.hex()}"
 
 
+class FakeZfs:
+    """The gate's lookup seam: answers its read-only zfs queries from dicts, records them.
+
+    ``encrypted``: datasets whose ``encryption`` is not ``off``; ``guids``: snapshot →
+    guid (default ``guid_of``); ``versions``: dataset → guids of its snapshots and
+    bookmarks (default: those of ``zbackupd_20250101T000000Z`` and ``#zbackupd_disk1``).
+    """
+
+    def __init__(
+        self,
+        *,
+        encrypted: Sequence[str] = (),
+        guids: Mapping[str, int] | None = None,
+        versions: Mapping[str, Sequence[int]] | None = None,
+        encrypt_everything: bool = False,
+    ) -> None:
+        self.encrypted = frozenset(encrypted)
+        self.encrypt_everything = encrypt_everything
+        self.guids = dict(guids or {})
+        self.versions = dict(versions or {})
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, argv: tuple[str, ...]) -> str:
+        self.calls.append(argv)
+        match argv[1:]:
+            case ("get", "-H", "-o", "value", "encryption", dataset):
+                encrypted = self.encrypt_everything or dataset in self.encrypted
+                return ("aes-256-gcm" if encrypted else "off") + "\n"
+            case ("get", "-H", "-p", "-o", "value", "guid", snapshot):
+                return f"{self.guids.get(snapshot, guid_of(snapshot))}\n"
+            case ("list", "-H", "-p", "-o", "guid", "-t", "snapshot,bookmark", "-d", "1", ds):
+                default = [
+                    guid_of(f"{ds}@zbackupd_20250101T000000Z"),
+                    guid_of(f"{ds}#zbackupd_disk1"),
+                ]
+                return "".join(f"{guid}\n" for guid in self.versions.get(ds, default))
+        raise gate.LookupFailed(argv, "the fake knows no such query")
+
+
+PLAIN_SERVER = FakeZfs()
 RAW_TOKEN = encode_token(SNAP, raw=True)
 PLAIN_TOKEN = encode_token(SNAP, raw=False)
 
@@ -157,17 +216,56 @@ def test_config_path_comes_from_the_forced_command_only() -> None:
         gate.config_path(["--config", "/srv/g.toml", "--debug"])
 
 
+def test_config_path_takes_the_equals_form_too() -> None:
+    assert gate.config_path(["--config=/srv/g.toml"]) == "/srv/g.toml"
+    for bad in (["--config"], ["--config", "/a", "--config", "/b"], ["/srv/g.toml"], ["-c", "x"]):
+        with pytest.raises(gate.GateConfigError):
+            gate.config_path(bad)
+
+
+def test_check_config_says_ok(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gate.main(["--check-config", str(config_file)]) == 0
+    assert capsys.readouterr().out == f"{config_file}: ok\n"
+
+
+def test_check_config_prints_every_problem_with_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "gate.toml"
+    bad.write_text('roots = ["tank", 3]\nallow_destroy = "yes"\nbogus = 1\n')
+    assert gate.main(["--check-config", str(bad)]) == gate.EXIT_BAD_CONFIG
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith(f"{bad}: ") for line in lines)
+    assert {line.split(": ")[1] for line in lines} == {"roots[1]", "allow_destroy", "bogus"}
+
+
+def test_check_config_of_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.toml"
+    assert gate.main(["--check-config", str(missing)]) == gate.EXIT_BAD_CONFIG
+    assert capsys.readouterr().out == f"{missing}: No such file or directory\n"
+
+
+def test_check_config_needs_exactly_one_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gate.main(["--check-config"]) == gate.EXIT_BAD_CONFIG
+    assert "--check-config" in capsys.readouterr().err
+
+
 # -- the decision ----------------------------------------------------------------------
 
 
-def refused(command: str | None, config: gate.GateConfig = CONFIG) -> str:
-    decision = gate.decide(command, config)
+def refused(
+    command: str | None, config: gate.GateConfig = CONFIG, zfs: FakeZfs = PLAIN_SERVER
+) -> str:
+    decision = gate.decide(command, config, zfs)
     assert isinstance(decision, gate.Refused), decision
     return decision.reason
 
 
-def accepted(command: str, config: gate.GateConfig = CONFIG) -> zargv.RemoteCommand:
-    decision = gate.decide(command, config)
+def accepted(
+    command: str, config: gate.GateConfig = CONFIG, zfs: FakeZfs = PLAIN_SERVER
+) -> zargv.RemoteCommand:
+    decision = gate.decide(command, config, zfs)
     assert isinstance(decision, gate.Accepted), decision
     return decision.command
 
@@ -344,7 +442,7 @@ def test_the_configuration_narrows_what_is_allowed(
     config: gate.GateConfig, command: str, why: str
 ) -> None:
     assert why in refused(command, config)
-    assert isinstance(gate.decide(command, CONFIG), gate.Accepted)
+    assert isinstance(gate.decide(command, CONFIG, PLAIN_SERVER), gate.Accepted)
 
 
 def test_raw_sends_pass_when_raw_is_required() -> None:
@@ -358,6 +456,155 @@ def test_a_configured_prefix_replaces_the_default() -> None:
     config = gate.GateConfig(roots=ROOTS, prefix="site")
     accepted("zfs snapshot tank/data@site_20250101T000000Z", config)
     refused(f"zfs snapshot {SNAP}", config)
+
+
+# -- what the server says: encryption and resume tokens (the gate's own lookups) ------
+
+SECURE = FakeZfs(encrypted=["tank/data"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        f"zfs send -L -c {SNAP}",
+        f"zfs send -nvP -L -c {SNAP}",
+        f"zfs send -L -c -i {MARK} {SNAP2}",
+        f"zfs send -L -c -I {SNAP} {SNAP2}",
+        f"zfs send -nvP -L -c -i {SNAP} {SNAP2}",
+    ],
+)
+def test_the_plaintext_send_of_an_encrypted_dataset_is_refused(command: str) -> None:
+    """With the key loaded, zfs would send it decrypted: only raw (-w) may leave."""
+    zfs = FakeZfs(encrypted=["tank/data"])
+    assert "encrypted" in refused(command, zfs=zfs)
+    assert zfs.calls == [("zfs", "get", "-H", "-o", "value", "encryption", "tank/data")]
+    accepted(command)  # the same send of an unencrypted dataset is fine
+
+
+def test_a_raw_send_of_an_encrypted_dataset_needs_no_lookup() -> None:
+    zfs = FakeZfs(encrypted=["tank/data"])
+    accepted(f"zfs send -w -i {MARK} {SNAP}", zfs=zfs)
+    accepted(f"zfs send -nvP -w {SNAP}", zfs=zfs)
+    assert zfs.calls == []
+
+
+def test_a_plaintext_send_is_refused_when_the_encryption_lookup_fails() -> None:
+    zfs = FakeZfs()
+
+    def broken(argv: tuple[str, ...]) -> str:
+        zfs.calls.append(argv)
+        raise gate.LookupFailed(argv, "exit 1: dataset does not exist")
+
+    decision = gate.decide(f"zfs send -L -c {SNAP}", CONFIG, broken)
+    assert isinstance(decision, gate.Refused)
+    assert "cannot check" in decision.reason
+    assert "does not exist" in decision.reason
+
+
+def test_the_encryption_lookup_uses_the_configured_zfs() -> None:
+    zfs = FakeZfs()
+    config = gate.GateConfig(roots=ROOTS, zfs="/opt/zfs/sbin/zfs")
+    accepted(f"zfs send -L -c {SNAP}", config, zfs)
+    assert [call[0] for call in zfs.calls] == ["/opt/zfs/sbin/zfs"]
+
+
+def test_a_forged_token_with_an_out_of_root_toguid_is_refused_without_running_send() -> None:
+    """zfs resolves a token by GUID, walking up from toname to the pool: a token naming
+    an in-root snapshot but carrying another dataset's guid would send that dataset."""
+    outside = guid_of("tank/secret@daily")
+    zfs = FakeZfs()
+    for raw in (True, False):
+        token = encode_token(SNAP, raw=raw, toguid=outside)
+        assert "guid" in refused(f"zfs send -t {token}", zfs=zfs)
+        assert "guid" in refused(f"zfs send -nvP -t {token}", zfs=zfs)
+    asked = {call[1:] for call in zfs.calls}
+    assert asked == {("get", "-H", "-p", "-o", "value", "guid", SNAP)}  # by name, no walk
+
+
+def test_a_made_up_guid_never_reaches_zfs_send(config_file: Path) -> None:
+    token = encode_token(SNAP, raw=True, toguid=123456789)
+    zfs = FakeZfs()
+    effects = Effects()
+    status = gate.run(
+        ["--config", str(config_file)],
+        {"SSH_ORIGINAL_COMMAND": f"zfs send -t {token}"},
+        log=effects.log,
+        stderr=effects.write,
+        exec_zfs=fake_exec,
+        lookup=zfs,
+    )
+    assert status == gate.EXIT_REFUSED
+    assert all(call[1] != "send" for call in zfs.calls)
+
+
+def test_a_token_from_a_foreign_incremental_source_is_refused() -> None:
+    elsewhere = guid_of("tank/secret@daily")
+    token = encode_token(SNAP2, raw=True, fromguid=elsewhere)
+    zfs = FakeZfs()
+    assert "incremental source" in refused(f"zfs send -t {token}", zfs=zfs)
+    assert (
+        "list",
+        "-H",
+        "-p",
+        "-o",
+        "guid",
+        "-t",
+        "snapshot,bookmark",
+        "-d",
+        "1",
+        "tank/data",
+    ) in {call[1:] for call in zfs.calls}
+
+
+def test_a_token_from_a_snapshot_or_bookmark_of_the_same_dataset_is_accepted() -> None:
+    for source in (SNAP, MARK):
+        token = encode_token(SNAP2, raw=True, fromguid=guid_of(source))
+        accepted(f"zfs send -t {token}")
+        accepted(f"zfs send -nvP -t {token}")
+
+
+def test_a_savedok_token_is_refused() -> None:
+    """A saved-state token skips the guid lookup in libzfs: zfs trusts its toname."""
+    token = encode_token(SNAP, raw=True, flags=["savedok"])
+    assert "savedok" in refused(f"zfs send -t {token}")
+
+
+@pytest.mark.parametrize("field", ["redact_snaps", "book_redact_snaps"])
+def test_a_token_with_redaction_fields_is_refused(field: str) -> None:
+    token = encode_token(SNAP, raw=True, arrays={field: [guid_of(SNAP2), 5]})
+    assert "redact" in refused(f"zfs send -t {token}")
+
+
+def test_a_non_raw_resume_of_an_encrypted_dataset_is_refused() -> None:
+    zfs = FakeZfs(encrypted=["tank/data"])
+    assert "encrypted" in refused(f"zfs send -t {PLAIN_TOKEN}", zfs=zfs)
+    assert "encrypted" in refused(f"zfs send -nvP -t {PLAIN_TOKEN}", zfs=zfs)
+    accepted(f"zfs send -t {RAW_TOKEN}", zfs=zfs)
+    accepted(f"zfs send -t {PLAIN_TOKEN}")  # unencrypted: a plain resume is fine
+
+
+def test_a_token_for_a_snapshot_that_is_gone_is_refused() -> None:
+    token = encode_token("tank/data@zbackupd_20240101T000000Z", raw=True)
+
+    def missing(argv: tuple[str, ...]) -> str:
+        raise gate.LookupFailed(argv, "exit 1: dataset does not exist")
+
+    decision = gate.decide(f"zfs send -t {token}", CONFIG, missing)
+    assert isinstance(decision, gate.Refused)
+    assert "does not exist" in decision.reason
+
+
+@pytest.mark.parametrize(
+    "props",
+    ["keylocation", "origin", "mountpoint", "keyformat", "encryptionroot", "written",
+     "receive_resume_token", "keystatus", "guid", "all", "encryption,keylocation"],
+)  # fmt: skip
+def test_a_disallowed_property_is_refused(props: str) -> None:
+    """The daemon reads no property of the server with zfs get (it lists what it needs
+    with zfs list -o): keylocation (key file paths, URLs), origin (names outside the
+    roots), mountpoint and the rest are nobody's business."""
+    refused(f"zfs get -H -p -o name,property,value {props} tank/data")
+    refused(f"zfs get -H -o value {props} tank/data")
 
 
 # -- effects: run() with exec, log and stderr injected ---------------------------------
@@ -408,6 +655,7 @@ def run_gate(config_file: Path, command: str | None, **environ: str) -> tuple[in
         log=effects.log,
         stderr=effects.write,
         exec_zfs=fake_exec,
+        lookup=PLAIN_SERVER,
     )
     return status, effects
 
@@ -474,6 +722,28 @@ def test_a_broken_config_refuses_everything(tmp_path: Path) -> None:
     assert str(bad) in line
 
 
+def test_an_admin_at_a_terminal_is_told_what_is_wrong_with_the_config(tmp_path: Path) -> None:
+    """Over SSH (no pty: restrict) the client only learns "misconfigured"; an admin testing
+    the gate by hand at a terminal gets the file and key too."""
+    bad = tmp_path / "gate.toml"
+    bad.write_text('roots = ["tank"]\nallow_everything = true\n')
+    for terminal in (False, True):
+        effects = Effects()
+        status = gate.run(
+            ["--config", str(bad)],
+            {"SSH_ORIGINAL_COMMAND": f"zfs holds -H -p {SNAP}"},
+            log=effects.log,
+            stderr=effects.write,
+            exec_zfs=fake_exec,
+            lookup=PLAIN_SERVER,
+            stderr_is_terminal=terminal,
+        )
+        assert status == gate.EXIT_BAD_CONFIG
+        detailed = "allow_everything" in "".join(effects.stderr)
+        assert detailed is terminal
+        assert "misconfigured" in effects.stderr[0]
+
+
 def test_a_missing_zfs_is_reported(tmp_path: Path) -> None:
     config = tmp_path / "gate.toml"
     config.write_text(f'roots = ["tank/data"]\nzfs = "{tmp_path}/no-such-zfs"\n')
@@ -524,7 +794,7 @@ STANDALONE_FILES = (
     "zbackupd/__init__.py",
     "zbackupd/errors.py",
     "zbackupd/core/__init__.py",
-    "zbackupd/core/model.py",
+    "zbackupd/core/values.py",
     "zbackupd/server/__init__.py",
     "zbackupd/server/gate.py",
     "zbackupd/zfs/__init__.py",
@@ -622,13 +892,11 @@ def daemon_commands(draw: st.DrawFn) -> tuple[tuple[str, ...], str]:
     mode = draw(st.sampled_from(list(Encryption)))
     estimate, recursive = draw(st.booleans()), draw(st.booleans())
     token = encode_token(draw(st.sampled_from([own, foreign])), raw=draw(st.booleans()))
-    props = draw(st.lists(st.sampled_from(sorted(zargv.DATASET_PROPERTIES)), min_size=1))
     choices = [
         lambda: zargv.list_snapshots([dataset, other], recursive=recursive),
         lambda: zargv.list_bookmarks([dataset], recursive=recursive),
         lambda: zargv.list_snapshots_and_bookmarks([dataset, other], recursive=recursive),
         lambda: zargv.list_datasets([dataset, other]),
-        lambda: zargv.get_properties([dataset], props),
         lambda: zargv.holds([foreign, own]),
         lambda: zargv.snapshot([own, names.run_snapshot_name(other, draw(WHEN), prefix)]),
         lambda: zargv.snapshot([own], recursive=True),
@@ -654,7 +922,7 @@ def test_the_gate_accepts_every_command_the_daemon_builds(
 ) -> None:
     built, prefix = command
     config = gate.GateConfig(roots=ROOTS, prefix=prefix)
-    decision = gate.decide(shlex.join(built), config)
+    decision = gate.decide(shlex.join(built), config, PLAIN_SERVER)
     assert isinstance(decision, gate.Accepted), decision
     assert decision.command.argv == built
     assert within_grammar(built, ROOTS, prefix), built
@@ -667,18 +935,19 @@ _PART = r"[A-Za-z0-9_.:-]+"
 _OWN_SNAPSHOT = r"{prefix}_[0-9]{{8}}T[0-9]{{6}}Z"
 _OWN_LABELLED = r"{prefix}_[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
 _LIST_COLUMNS = ["-o", "name,guid,createtxg,creation", "-s", "createtxg"]
-_READABLE = {
-    "available", "canmount", "createtxg", "creation", "encryption", "encryptionroot", "guid",
-    "keyformat", "keylocation", "keystatus", "mounted", "mountpoint", "name", "origin",
-    "readonly", "receive_resume_token", "type", "used", "written",
-}  # fmt: skip
 
 
 class Oracle:
-    """Literal templates of the remote commands; every name checked against the roots."""
+    """Literal templates of the remote commands; every name checked against the roots.
 
-    def __init__(self, roots: Sequence[str], prefix: str) -> None:
+    ``encrypted``: every dataset on the server is encrypted (so only raw sends leave);
+    otherwise none is. Snapshot guids are the stub's ``guid_of``, and each dataset has
+    ``@zbackupd_20250101T000000Z`` and ``#zbackupd_disk1`` (what ``FakeZfs`` answers).
+    """
+
+    def __init__(self, roots: Sequence[str], prefix: str, *, encrypted: bool = False) -> None:
         self.roots = tuple(roots)
+        self.encrypted = encrypted
         self.own_snapshot = re.compile(_OWN_SNAPSHOT.format(prefix=re.escape(prefix)))
         self.own_labelled = re.compile(_OWN_LABELLED.format(prefix=re.escape(prefix)))
 
@@ -708,8 +977,10 @@ class Oracle:
     def bookmark(self, name: str, *, own: bool = False) -> str | None:
         return self.versioned(name, "#", self.own_labelled if own else None)
 
-    def token_snapshot(self, token: str) -> str | None:
-        """The dataset a resume token continues (its ``toname``), read by hand."""
+    def token_snapshot(self, token: str) -> str | None:  # noqa: PLR0911 -- one per rule
+        """The dataset a resume token continues (its ``toname``), read by hand, if the
+        server would resolve it there: guids its own, no saved/redaction fields, raw if
+        the server is encrypted."""
         fields = token.split("-")
         if len(fields) != 4 or not re.fullmatch(r"[0-9a-f]+", fields[3] or "x"):
             return None
@@ -720,8 +991,28 @@ class Oracle:
         at = packed.find(b"toname\0")
         if at < 0:
             return None
-        value = packed[at + 8 :].split(b"\0", 1)[0]  # name at +16, value 8-aligned at +24
-        return self.snapshot(value.decode("ascii", "replace"))
+        toname = packed[at + 8 :].split(b"\0", 1)[0].decode("ascii", "replace")
+        dataset = self.snapshot(toname)  # name at +16, value 8-aligned at +24
+        if dataset is None or b"savedok\0" in packed or b"redact" in packed:
+            return None
+        if self.encrypted and b"rawok\0" not in packed:
+            return None
+        if self.uint64_after(packed, b"toguid\0", 8) != guid_of(toname):
+            return None
+        fromguid = self.uint64_after(packed, b"fromguid\0", 16)
+        sources = {
+            guid_of(f"{dataset}@zbackupd_20250101T000000Z"),
+            guid_of(f"{dataset}#zbackupd_disk1"),
+        }
+        return dataset if fromguid in (None, 0) or fromguid in sources else None
+
+    @staticmethod
+    def uint64_after(packed: bytes, name: bytes, value_offset: int) -> int | None:
+        at = packed.find(name)
+        if at < 0:
+            return None
+        value: int = struct.unpack_from("<Q", packed, at + value_offset)[0]
+        return value
 
     def accepts(self, argv: Sequence[str]) -> bool:  # noqa: PLR0911 -- one case per command
         words = list(argv)
@@ -740,9 +1031,6 @@ class Oracle:
             case ["zfs", "list", "-H", "-p", "-t", "filesystem,volume", "-o", columns, "-r", *ds]:
                 good = columns == "name,guid,encryption,encryptionroot"
                 return good and bool(ds) and all(map(self.dataset, ds))
-            case ["zfs", "get", "-H", "-p", "-o", "name,property,value", props, *ds]:
-                wanted = props.split(",")
-                return set(wanted) <= _READABLE and bool(ds) and all(map(self.dataset, ds))
             case ["zfs", "holds", "-H", "-p", *snaps]:
                 return bool(snaps) and all(self.snapshot(s) for s in snaps)
             case ["zfs", "snapshot", *snaps]:
@@ -769,7 +1057,7 @@ class Oracle:
             return len(rest) == 2 and self.token_snapshot(rest[1]) is not None
         if rest[:1] == ["-w"]:
             rest = rest[1:]
-        elif rest[:2] == ["-L", "-c"]:
+        elif rest[:2] == ["-L", "-c"] and not self.encrypted:
             rest = rest[2:]
         else:
             return False
@@ -786,8 +1074,10 @@ class Oracle:
                 return False
 
 
-def within_grammar(argv: Sequence[str], roots: Sequence[str], prefix: str) -> bool:
-    return Oracle(roots, prefix).accepts(argv)
+def within_grammar(
+    argv: Sequence[str], roots: Sequence[str], prefix: str, *, encrypted: bool = False
+) -> bool:
+    return Oracle(roots, prefix, encrypted=encrypted).accepts(argv)
 
 
 def test_the_oracle_is_not_a_rubber_stamp() -> None:
@@ -798,6 +1088,18 @@ def test_the_oracle_is_not_a_rubber_stamp() -> None:
     assert not oracle.accepts(["zfs", "destroy", "tank/data@manual"])
     assert not oracle.accepts(["zfs", "send", "-w", "tank/database@s"])
     assert not oracle.accepts(["zfs", "send", "-R", SNAP])
+    assert oracle.accepts(["zfs", "send", "-L", "-c", SNAP])
+    assert not Oracle(ROOTS, "zbackupd", encrypted=True).accepts(["zfs", "send", "-L", "-c", SNAP])
+    assert not Oracle(ROOTS, "zbackupd", encrypted=True).accepts(["zfs", "send", "-t", PLAIN_TOKEN])
+    forged = encode_token(SNAP, raw=True, toguid=guid_of("tank/x@s"))
+    assert not oracle.accepts(["zfs", "send", "-t", forged])
+    assert oracle.accepts(
+        ["zfs", "send", "-t", encode_token(SNAP2, raw=True, fromguid=guid_of(MARK))]
+    )
+    assert not oracle.accepts(["zfs", "send", "-t", encode_token(SNAP2, raw=True, fromguid=9)])
+    assert not oracle.accepts(
+        ["zfs", "send", "-t", encode_token(SNAP, raw=True, flags=["savedok"])]
+    )
     # The oracle checks the shape of a run snapshot's timestamp, not that it is a real date.
     slipped_through = [command for command in HOSTILE if oracle.accepts(shlex.split(command))]
     assert slipped_through == ["zfs snapshot tank/data@zbackupd_20251301T000000Z"]
@@ -910,13 +1212,21 @@ def random_daemon_command(rng: random.Random) -> tuple[tuple[str, ...], str]:
     tag = names.hold_tag(label, prefix)
     mode = rng.choice(list(Encryption))
     estimate, recursive = rng.random() < 0.5, rng.random() < 0.5
-    token = encode_token(rng.choice([own, foreign]), raw=rng.random() < 0.5)
-    props = rng.sample(sorted(zargv.DATASET_PROPERTIES), rng.randint(1, 4))
+    toname = rng.choice([own, foreign])
+    token = encode_token(
+        toname,
+        raw=rng.random() < 0.5,
+        toguid=rng.choice([None, None, None, guid_of(f"{other}@x"), rng.getrandbits(64)]),
+        fromguid=rng.choice(
+            [None, None, guid_of(f"{ds}#zbackupd_disk1"), guid_of(f"{other}@x"), 0]
+        ),
+        flags=rng.choice([(), (), (), ("savedok",)]),
+        arrays=rng.choice([None, None, None, {"redact_snaps": [1]}]),
+    )
     choices = [
         lambda: zargv.list_snapshots([ds, other], recursive=recursive),
         lambda: zargv.list_snapshots_and_bookmarks([ds], recursive=recursive),
         lambda: zargv.list_datasets([ds, other]),
-        lambda: zargv.get_properties([ds], props),
         lambda: zargv.holds([foreign, own]),
         lambda: zargv.snapshot([own, names.run_snapshot_name(other, when(), prefix)]),
         lambda: zargv.snapshot([own], recursive=True),
@@ -957,10 +1267,20 @@ FUZZ_EXAMPLES = 1_000
 FUZZ_BATCH = 10  # command lines per example: 10,000 in all
 
 
+ENCRYPTED_SERVER = FakeZfs(encrypt_everything=True)
+
+
 def check_fuzzed(line: str, prefix: str) -> bool:
-    """True if the gate accepted ``line``, after checking it was right to."""
-    decision = gate.decide(line, gate.GateConfig(roots=ROOTS, prefix=prefix))
+    """True if the gate accepted ``line`` from a server whose datasets are all unencrypted,
+    after checking it was right to, and that a server whose datasets are all encrypted
+    accepted it only if it should."""
+    config = gate.GateConfig(roots=ROOTS, prefix=prefix)
+    secure = gate.decide(line, config, ENCRYPTED_SERVER)
+    if isinstance(secure, gate.Accepted):
+        assert within_grammar(secure.command.argv, ROOTS, prefix, encrypted=True), line
+    decision = gate.decide(line, config, PLAIN_SERVER)
     if isinstance(decision, gate.Refused):
+        assert isinstance(secure, gate.Refused), line
         return False
     argv = decision.command.argv
     assert argv == tuple(shlex.split(line)), line

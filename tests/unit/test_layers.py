@@ -37,7 +37,7 @@ GATE_MODULES = frozenset(
         "zbackupd",
         "zbackupd.errors",
         "zbackupd.core",
-        "zbackupd.core.model",
+        "zbackupd.core.values",
         "zbackupd.server",
         "zbackupd.zfs",
         "zbackupd.zfs.names",

@@ -153,13 +153,26 @@ def test_missing_identity_is_reported(tmp_path: Path) -> None:
 def test_authorized_keys_line_forces_the_gate(identity: Identity) -> None:
     line = authorized_keys_line(identity.public)
     key_text = identity.public.export_public_key("openssh").decode().strip()
-    assert line == f'restrict,command="zbackupd-gate" {key_text}'
+    gate = "/opt/zbackupd-gate/bin/zbackupd-gate --config /etc/zbackupd/gate.toml"
+    assert line == f'restrict,command="{gate}" {key_text}'
     assert key_text.endswith(" zbackupd@test")
     assert "\n" not in line
     options = asyncssh.import_authorized_keys(line).validate(identity.public, "h", "192.0.2.9")
     assert options is not None
     assert options["restrict"] is True
-    assert options["command"] == "zbackupd-gate"
+    assert options["command"] == gate
+
+
+@pytest.mark.parametrize(
+    "gate_command", ["zbackupd-gate", "zbackupd-gate --config /etc/g.toml", "bin/zbackupd-gate"]
+)
+def test_authorized_keys_line_needs_the_gates_full_path(
+    identity: Identity, gate_command: str
+) -> None:
+    """docs/server-setup.md: sshd runs the forced command through the account's shell and
+    PATH; only a full path says which program that is."""
+    with pytest.raises(InvalidAuthorizedKeysInput, match="absolute path"):
+        authorized_keys_line(identity.public, gate_command=gate_command)
 
 
 def test_authorized_keys_line_with_from_and_custom_command(identity: Identity) -> None:
@@ -184,8 +197,8 @@ def test_authorized_keys_line_with_from_and_custom_command(identity: Identity) -
         ("zbackupd-gate\nssh-ed25519 AAAA evil", None),
         ("zbackupd-gate\\", None),
         ("", None),
-        ("zbackupd-gate", '*" ,command="sh'),
-        ("zbackupd-gate", "10.0.0.1\n"),
+        ("/usr/bin/zbackupd-gate", '*" ,command="sh'),
+        ("/usr/bin/zbackupd-gate", "10.0.0.1\n"),
     ],
 )
 def test_authorized_keys_line_refuses_quote_breaking_input(

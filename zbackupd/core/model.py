@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
+
+# Explicit re-export (mypy --strict): Encryption lives where the gate can import it cheaply.
+from zbackupd.core.values import Encryption as Encryption  # noqa: PLC0414 -- re-export
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +55,6 @@ class Hold:
     snapshot: str
     tag: str
     timestamp: int
-
-
-class Encryption(Enum):
-    """How a source dataset is stored, which decides how it is sent (design.md §4)."""
-
-    ENCRYPTED = "encrypted"  # sent raw (-w): lands with the server's key
-    PLAIN = "plain"  # sent -L -c: lands encrypted under the disk pool's key
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,11 @@ from zbackupd.keys.secret import ensure_private_dir, write_file_atomically
 DEFAULT_ROUNDS: Final = 50
 PRIVATE_KEY_CIPHER: Final = "aes256-ctr"
 KEY_TYPE: Final = "ssh-ed25519"
-DEFAULT_GATE_COMMAND: Final = "zbackupd-gate"
+#: The forced command as docs/server-setup.md installs it (a venv without dependencies):
+#: always a full path, never a name for the account's shell to look up in its PATH.
+DEFAULT_GATE_COMMAND: Final = (
+    "/opt/zbackupd-gate/bin/zbackupd-gate --config /etc/zbackupd/gate.toml"
+)
 _FORBIDDEN_IN_OPTIONS: Final = frozenset('"\\\n\r\0')
 
 
@@ -58,12 +62,19 @@ class IdentityUnreadable(IdentityError):
 
 
 class InvalidAuthorizedKeysInput(PermanentError):
-    """A value for the ``authorized_keys`` line would break out of its quotes or line."""
+    """A value for the ``authorized_keys`` line would break out of its quotes or line, or
+    the gate command does not name its program by absolute path."""
 
-    def __init__(self, what: str, value: str) -> None:
+    def __init__(
+        self,
+        what: str,
+        value: str,
+        reason: str = "must not contain quotes, backslashes or newlines",
+    ) -> None:
         self.what = what
         self.value = value
-        super().__init__(f"{what} {value!r} must not contain quotes, backslashes or newlines")
+        self.reason = reason
+        super().__init__(f"{what} {value!r} {reason}")
 
 
 def public_key_path(private_key_path: Path) -> Path:
@@ -173,6 +184,10 @@ def authorized_keys_line(
     whatever the client asks; ``from=`` (optional) pins the client's address pattern.
     """
     _check_option_value("gate command", gate_command)
+    if not gate_command.startswith("/"):
+        raise InvalidAuthorizedKeysInput(
+            "gate command", gate_command, "must start with the gate's absolute path"
+        )
     options = ["restrict"]
     if from_ is not None:
         _check_option_value("from pattern", from_)

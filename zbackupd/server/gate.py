@@ -9,22 +9,19 @@ stderr, a line in syslog/journal, a non-zero exit.
 
 Standard library only: it runs on a server that may have nothing but ``python3``. It
 imports ``zbackupd.errors``, ``zbackupd.zfs.names`` and ``zbackupd.zfs.argv`` (and
-``zbackupd.core.model``, which argv uses), never the daemon's dependencies.
+``zbackupd.core.values``, which argv uses), never the daemon's dependencies.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import shlex
 import sys
 import syslog
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import NoReturn
 
+from zbackupd.core.values import Record
 from zbackupd.errors import PermanentError
 from zbackupd.zfs import names
 from zbackupd.zfs.argv import (
@@ -32,8 +29,10 @@ from zbackupd.zfs.argv import (
     Refusal,
     RemoteCommand,
     RemoteKind,
+    ResumeTokenContents,
     decode_resume_token,
     match_remote_argv,
+    send_is_raw,
 )
 
 #: Where the forced command reads its configuration unless ``--config`` says otherwise.
@@ -68,8 +67,7 @@ class GateConfigError(PermanentError):
         super().__init__(f"invalid gate configuration {path}: {listed}")
 
 
-@dataclass(frozen=True, slots=True)
-class GateConfig:
+class GateConfig(Record):
     """What the gate allows: datasets under ``roots``, and which kinds of writes.
 
     ``allow_snapshot``: ``zfs snapshot`` of zbackupd's own run snapshots.
@@ -79,13 +77,33 @@ class GateConfig:
     raw send): only for servers whose datasets are all encrypted.
     """
 
+    __slots__ = ("allow_destroy", "allow_snapshot", "prefix", "require_raw", "roots", "zfs")
     roots: tuple[str, ...]
-    allow_snapshot: bool = True
-    allow_destroy: bool = True
-    require_raw: bool = False
-    prefix: str = names.DEFAULT_PREFIX
+    allow_snapshot: bool
+    allow_destroy: bool
+    require_raw: bool
+    prefix: str
     #: An absolute path, or a bare name looked up in ``SAFE_PATH`` only.
-    zfs: str = "zfs"
+    zfs: str
+
+    def __init__(
+        self,
+        roots: tuple[str, ...],
+        *,
+        allow_snapshot: bool = True,
+        allow_destroy: bool = True,
+        require_raw: bool = False,
+        prefix: str = names.DEFAULT_PREFIX,
+        zfs: str = "zfs",
+    ) -> None:
+        self._init(
+            roots=roots,
+            allow_snapshot=allow_snapshot,
+            allow_destroy=allow_destroy,
+            require_raw=require_raw,
+            prefix=prefix,
+            zfs=zfs,
+        )
 
 
 _DEFAULTS = GateConfig(roots=())
@@ -95,6 +113,7 @@ _KNOWN_KEYS = frozenset({"roots", "prefix", "zfs", *_BOOLEAN_KEYS})
 
 def parse_config(text: str, path: str) -> GateConfig:
     """Parse and strictly validate a gate TOML document; every problem in one error."""
+    import tomllib  # noqa: PLC0415 -- imported when used: the gate's start-up time counts
     try:
         raw = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as error:
@@ -185,36 +204,60 @@ def _parse_zfs(value: object, problems: list[tuple[str, str]]) -> str:
     return value
 
 
-# -- the decision (pure) -------------------------------------------------------------
+# -- the decision (pure but for the injected lookups) ----------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class LookupFailed(PermanentError):
+    """One of the gate's own zfs queries failed: the command it was checking is refused."""
+
+    def __init__(self, argv: Sequence[str], reason: str) -> None:
+        self.argv: tuple[str, ...] = tuple(argv)
+        self.reason = reason
+        super().__init__(f"{' '.join(self.argv[1:3])} failed: {reason}")
+
+
+#: Runs one of the gate's own zfs queries (argv, zfs first) and returns its stdout;
+#: raises ``LookupFailed``. Injected: tests pass a fake, the gate ``run_lookup``.
+Lookup = Callable[[tuple[str, ...]], str]
+
+
+class Accepted(Record):
     """The command may run: exactly ``command.argv``, with zfs from the configuration."""
 
+    __slots__ = ("command",)
     command: RemoteCommand
 
+    def __init__(self, command: RemoteCommand) -> None:
+        self._init(command=command)
 
-@dataclass(frozen=True, slots=True)
-class Refused:
+
+class Refused(Record):
     """The command must not run. ``reason`` goes to the client's stderr and the log."""
 
+    __slots__ = ("argv", "reason")
     reason: str
-    argv: tuple[str, ...] | None = None
+    argv: tuple[str, ...] | None
+
+    def __init__(self, reason: str, argv: tuple[str, ...] | None = None) -> None:
+        self._init(reason=reason, argv=argv)
 
 
 Decision = Accepted | Refused
 
 
-def decide(original_command: str | None, config: GateConfig) -> Decision:
-    """Accept ``original_command`` only if it is one of zbackupd's own zfs commands."""
+def decide(original_command: str | None, config: GateConfig, lookup: Lookup) -> Decision:
+    """Accept ``original_command`` only if it is one of zbackupd's own zfs commands.
+
+    ``lookup`` runs the gate's own read-only zfs queries (what the server's state says
+    about a send); it is only called for commands the grammar already accepted.
+    """
     argv = split_command(original_command)
     if isinstance(argv, Refused):
         return argv
     outcome = match_remote_argv(argv, config.roots, prefix=config.prefix)
     if isinstance(outcome, Refusal):
         return Refused(outcome.reason, argv)
-    not_permitted = _policy_refusal(outcome, config)
+    not_permitted = _policy_refusal(outcome, config) or _server_refusal(outcome, config, lookup)
     if not_permitted:
         return Refused(not_permitted, argv)
     return Accepted(outcome)
@@ -224,6 +267,7 @@ def split_command(original_command: str | None) -> tuple[str, ...] | Refused:
     """The client's command line as argv, split like a POSIX shell would but never run by one."""
     if original_command is None:
         return Refused("no command given: interactive logins are not allowed")
+    import shlex  # noqa: PLC0415 -- imported when used: the gate's start-up time counts
     try:
         argv = tuple(shlex.split(original_command))
     except ValueError as error:
@@ -256,6 +300,89 @@ def _why_not_raw(command: RemoteCommand) -> str:
     return "" if "-w" in argv else "only raw sends (-w) are allowed"
 
 
+def _server_refusal(command: RemoteCommand, config: GateConfig, lookup: Lookup) -> str:
+    """Why the server's own state forbids a send the grammar accepts; empty if nothing does.
+
+    The client's word is not enough: a plaintext send (``-L -c``) is only for datasets
+    whose ``encryption`` is ``off`` (with the key loaded zfs would decrypt), and a resume
+    token is resolved by zfs by its GUIDs, which must be the named snapshot's own.
+    """
+    raw = send_is_raw(command)
+    if raw is True or command.kind not in (RemoteKind.SEND, RemoteKind.ESTIMATE):
+        return ""
+    (dataset,) = command.datasets
+    if raw is False:
+        return _plaintext_refusal(dataset, config, lookup, "a plaintext send (-L -c)")
+    try:
+        token = decode_resume_token(command.argv[-1])
+    except (InvalidArgument, names.InvalidName) as error:  # the grammar decoded it already
+        return f"unreadable resume token: {error}"
+    return _token_refusal(token, dataset, config, lookup)
+
+
+def _plaintext_refusal(dataset: str, config: GateConfig, lookup: Lookup, what: str) -> str:
+    """Empty if ``dataset``'s encryption is ``off``; otherwise (or if unknown) why not."""
+    try:
+        value = lookup((config.zfs, "get", "-H", "-o", "value", "encryption", dataset)).strip()
+    except LookupFailed as error:
+        return f"cannot check the encryption of {dataset}: {error.reason}"
+    if value == "off":
+        return ""
+    shown = printable(value, 40) or "(empty)"
+    return f"{what} of {dataset} is not allowed: it is encrypted ({shown}); send it raw (-w)"
+
+
+def _token_refusal(
+    token: ResumeTokenContents, dataset: str, config: GateConfig, lookup: Lookup
+) -> str:
+    """Empty if the token's GUIDs are those of its snapshot (and incremental source) in
+    ``dataset`` and its flags fit the dataset; otherwise why not. Only name-based lookups
+    run: a made-up GUID never reaches zfs, so nothing walks the pool for it."""
+    if token.saved:
+        return "resume tokens of a saved receive (savedok) are not allowed"
+    if token.redaction:
+        return f"resume tokens with redaction fields ({', '.join(token.redaction)}) are not allowed"
+    why_not = _toguid_refusal(token, config, lookup) or _fromguid_refusal(
+        token, dataset, config, lookup
+    )
+    if why_not or token.raw:
+        return why_not
+    return _plaintext_refusal(dataset, config, lookup, "a non-raw resume (token without rawok)")
+
+
+def _toguid_refusal(token: ResumeTokenContents, config: GateConfig, lookup: Lookup) -> str:
+    try:
+        guid = lookup((config.zfs, "get", "-H", "-p", "-o", "value", "guid", token.toname))
+    except LookupFailed as error:
+        return f"cannot check the resume token's snapshot {token.toname}: {error.reason}"
+    if _parse_guids(guid) != [token.toguid]:
+        return f"the resume token's toguid {token.toguid} is not the guid of {token.toname}"
+    return ""
+
+
+def _fromguid_refusal(
+    token: ResumeTokenContents, dataset: str, config: GateConfig, lookup: Lookup
+) -> str:
+    if token.fromguid is None:
+        return ""
+    listing = (config.zfs, "list", "-H", "-p", "-o", "guid", "-t", "snapshot,bookmark")
+    try:
+        versions = lookup((*listing, "-d", "1", dataset))
+    except LookupFailed as error:
+        return f"cannot list the snapshots and bookmarks of {dataset}: {error.reason}"
+    if token.fromguid in _parse_guids(versions):
+        return ""
+    return (
+        f"the resume token's incremental source (guid {token.fromguid}) is not a "
+        f"snapshot or bookmark of {dataset}"
+    )
+
+
+def _parse_guids(text: str) -> list[int]:
+    """One decimal guid per line (``-H -p``); a line that is not one yields -1."""
+    return [int(line) if line.isascii() and line.isdigit() else -1 for line in text.split()]
+
+
 def exec_environment() -> dict[str, str]:
     """zfs runs with a fixed PATH and the C locale (the daemon parses its English errors);
     nothing of the SSH session, the client or the login leaks into it."""
@@ -285,22 +412,65 @@ def syslog_logger() -> Logger:
     return log
 
 
+#: How long one of the gate's own zfs queries may take before the command is refused.
+LOOKUP_TIMEOUT = 60.0
+
+
+def run_lookup(argv: tuple[str, ...]) -> str:
+    """Run one of the gate's own read-only zfs queries: argv only (never a shell), the
+    scrubbed environment, no stdin; its stdout, or ``LookupFailed``."""
+    import subprocess  # noqa: PLC0415 -- only sends need it; keeps every other command fast
+
+    try:
+        completed = subprocess.run(  # argv built by the gate, never a shell
+            argv,
+            env=exec_environment(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=LOOKUP_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        raise LookupFailed(argv, str(error) or type(error).__name__) from None
+    if completed.returncode != 0:
+        stderr = completed.stderr.decode("utf-8", "replace").strip()
+        first = stderr.splitlines()[0] if stderr else "(no stderr)"
+        raise LookupFailed(argv, f"exit {completed.returncode}: {printable(first, 200)}")
+    return completed.stdout.decode("utf-8", "replace")
+
+
 def _exec_zfs(program: str, argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
     os.execvpe(program, list(argv), dict(env))  # noqa: S606 -- argv only, no shell, fixed PATH
 
 
 def config_path(args: Sequence[str]) -> str:
     """The ``--config`` path from the forced command's own arguments (the admin's, not the
-    client's); anything else there is a configuration error."""
-    parser = argparse.ArgumentParser(prog=SYSLOG_IDENT, add_help=False, exit_on_error=False)
-    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    client's): none, ``--config PATH`` or ``--config=PATH``; anything else is a
+    configuration error."""
+    match list(args):
+        case []:
+            return DEFAULT_CONFIG_PATH
+        case [word] if word.startswith("--config=") and word != "--config=":
+            return word.removeprefix("--config=")
+        case ["--config", path] if path:
+            return str(path)
+    words = list(args)
+    raise GateConfigError(
+        "(command line)", [("", f"expected [--config PATH], got arguments {words!r}")]
+    )
+
+
+def check_config(path: str, out: Callable[[str], object]) -> int:
+    """``--check-config FILE``: one line per problem (``FILE: key: reason``) or
+    ``FILE: ok``; the exit status."""
     try:
-        options, unknown = parser.parse_known_args(list(args))
-    except argparse.ArgumentError as error:
-        raise GateConfigError("(command line)", [("", str(error))]) from None
-    if unknown:
-        raise GateConfigError("(command line)", [("", f"unknown arguments {unknown!r}")])
-    return str(options.config)
+        load_config(path)
+    except GateConfigError as error:
+        for key, reason in error.problems:
+            out(f"{path}: {key}: {reason}\n" if key else f"{path}: {reason}\n")
+        return EXIT_BAD_CONFIG
+    out(f"{path}: ok\n")
+    return 0
 
 
 def run(
@@ -310,10 +480,15 @@ def run(
     log: Logger,
     stderr: Callable[[str], object],
     exec_zfs: Exec = _exec_zfs,
+    lookup: Lookup = run_lookup,
+    stderr_is_terminal: bool = False,
 ) -> int:
     """The whole gate with its effects injected; returns the exit status of a refusal.
 
     On acceptance it does not return: ``exec_zfs`` replaces the process with zfs.
+    Refusals go to syslog and, one line, to ``stderr`` (the client's, over SSH). What is
+    wrong with the configuration stays in syslog unless ``stderr_is_terminal`` (an admin
+    running the gate by hand).
     """
     client = printable(environ.get("SSH_CONNECTION", "").split(" ", 1)[0] or "local", 64)
     original = environ.get("SSH_ORIGINAL_COMMAND")
@@ -325,8 +500,10 @@ def run(
             syslog.LOG_ERR, f"refused from {client}: {printable(str(error), 1000)}; command={shown}"
         )
         stderr(f"{SYSLOG_IDENT}: refused: the gate is misconfigured on the server\n")
+        if stderr_is_terminal:
+            stderr(f"{SYSLOG_IDENT}: {printable(str(error), 2000)}\n")
         return EXIT_BAD_CONFIG
-    decision = decide(original, config)
+    decision = decide(original, config, lookup)
     if isinstance(decision, Refused):
         log(
             syslog.LOG_WARNING,
@@ -350,12 +527,21 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point ``zbackupd-gate [--config PATH]``."""
+    """Console entry point: ``zbackupd-gate [--config PATH]`` as the forced command, or
+    ``zbackupd-gate --check-config FILE`` to validate a configuration by hand."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    match args:
+        case ["--check-config", path]:
+            return check_config(path, sys.stdout.write)
+        case ["--check-config", *_]:
+            sys.stderr.write(f"usage: {SYSLOG_IDENT} --check-config FILE\n")
+            return EXIT_BAD_CONFIG
     return run(
-        sys.argv[1:] if argv is None else argv,
+        args,
         os.environ,
         log=syslog_logger(),
         stderr=sys.stderr.write,
+        stderr_is_terminal=sys.stderr.isatty(),
     )
 
 

@@ -2,13 +2,13 @@
 
 Standard library only: ``zbackupd-gate`` imports this module on the backup server.
 
-Commands that may run on the server (list, get, holds, snapshot, hold, release,
+Commands that may run on the server (list, holds, snapshot, hold, release,
 bookmark, destroy of own names, send) are described ONCE, in ``REMOTE_SHAPES``: the
 builders render their argv from those shapes, and ``match_remote_argv`` (the gate's
 check) accepts an argv only if it fits one of them. One grammar, two users: whatever
 the daemon builds, the gate accepts, and nothing else.
 
-Local-only commands (receive, zpool, keys) are plain builders below the table.
+Local-only commands (receive, get, zpool, keys) are plain builders below the table.
 Every builder validates its inputs and raises a typed error; none of them takes a
 secret (keys travel on stdin, see ``facade.Zfs.load_key``).
 """
@@ -16,13 +16,10 @@ secret (keys travel on stdin, see ``facade.Zfs.load_key``).
 from __future__ import annotations
 
 import re
-import struct
-import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 
-from zbackupd.core.model import Encryption
+from zbackupd.core.values import Encryption, Record
 from zbackupd.errors import PermanentError
 from zbackupd.zfs import names
 from zbackupd.zfs.names import InvalidName
@@ -43,30 +40,10 @@ POOL_LIST_FIELDS = "name,guid,health"
 #: ``zfs send`` dry run with a parsable size estimate (design.md §4).
 ESTIMATE_FLAGS = "-nvP"
 
-#: Dataset properties zbackupd reads (and the only ones the gate lets a client read).
-DATASET_PROPERTIES = frozenset(
-    {
-        "available",
-        "canmount",
-        "createtxg",
-        "creation",
-        "encryption",
-        "encryptionroot",
-        "guid",
-        "keyformat",
-        "keylocation",
-        "keystatus",
-        "mounted",
-        "mountpoint",
-        "name",
-        "origin",
-        "readonly",
-        "receive_resume_token",
-        "type",
-        "used",
-        "written",
-    }
-)
+#: Dataset properties zbackupd reads with ``zfs get``, on its own disk pools only: the
+#: daemon reads nothing of the server with ``zfs get`` (what it needs comes from ``zfs
+#: list -o``), so ``get`` is not in ``REMOTE_SHAPES`` and the gate refuses every one.
+DATASET_PROPERTIES = frozenset({"encryptionroot", "keystatus", "receive_resume_token", "written"})
 #: Pool properties zbackupd reads with ``zpool get``.
 POOL_PROPERTIES = frozenset(
     {
@@ -121,15 +98,17 @@ class Slot(Enum):
     INCREMENTAL_SOURCE = "snapshot or bookmark"
     OWN_BOOKMARK = "own cursor bookmark"
     OWN_HOLD_TAG = "own hold tag"
-    PROPERTIES = "comma-separated readable properties"
     RESUME_TOKEN = "receive resume token"  # noqa: S105 -- a slot label, not a secret
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
+class Choice(Record):
     """A place that holds one of a few fixed words."""
 
+    __slots__ = ("options",)
     options: tuple[str, ...]
+
+    def __init__(self, options: tuple[str, ...]) -> None:
+        self._init(options=options)
 
 
 Token = str | Choice | Slot
@@ -139,7 +118,6 @@ class RemoteKind(Enum):
     """What a remote command does; the gate logs it and may rate-limit by it."""
 
     LIST = "list"
-    GET = "get"
     HOLDS = "holds"
     SNAPSHOT = "snapshot"
     HOLD = "hold"
@@ -150,8 +128,7 @@ class RemoteKind(Enum):
     ESTIMATE = "estimate"
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteShape:
+class RemoteShape(Record):
     """One accepted argv shape: fixed words, choices and value slots, in order.
 
     ``repeat_last``: the last slot may occur one or more times.
@@ -159,11 +136,24 @@ class RemoteShape:
     of its own snapshot; an incremental send within one dataset).
     """
 
+    __slots__ = ("kind", "name", "repeat_last", "same_dataset", "tokens")
     name: str
     kind: RemoteKind
     tokens: tuple[Token, ...]
-    repeat_last: bool = False
-    same_dataset: bool = False
+    repeat_last: bool
+    same_dataset: bool
+
+    def __init__(
+        self,
+        name: str,
+        kind: RemoteKind,
+        tokens: tuple[Token, ...],
+        repeat_last: bool = False,
+        same_dataset: bool = False,
+    ) -> None:
+        self._init(
+            name=name, kind=kind, tokens=tokens, repeat_last=repeat_last, same_dataset=same_dataset
+        )
 
 
 def _send_shapes() -> tuple[RemoteShape, ...]:
@@ -247,12 +237,6 @@ REMOTE_SHAPES: tuple[RemoteShape, ...] = (
         repeat_last=True,
     ),
     RemoteShape(
-        "get",
-        RemoteKind.GET,
-        (ZFS, "get", "-H", "-p", "-o", PROPERTY_FIELDS, Slot.PROPERTIES, Slot.DATASET),
-        repeat_last=True,
-    ),
-    RemoteShape(
         "holds", RemoteKind.HOLDS, (ZFS, "holds", "-H", "-p", Slot.SNAPSHOT), repeat_last=True
     ),
     RemoteShape(
@@ -286,13 +270,18 @@ REMOTE_SHAPES: tuple[RemoteShape, ...] = (
 _SHAPES_BY_NAME = {shape.name: shape for shape in REMOTE_SHAPES}
 
 
-@dataclass(frozen=True, slots=True)
-class _Policy:
+class _Policy(Record):
     """How strictly slots are checked: syntax only (builders) or also roots and ownership
     (the gate, which knows the configured roots and prefix)."""
 
-    roots: tuple[str, ...] | None = None
-    prefix: str = names.DEFAULT_PREFIX
+    __slots__ = ("prefix", "roots")
+    roots: tuple[str, ...] | None
+    prefix: str
+
+    def __init__(
+        self, roots: tuple[str, ...] | None = None, prefix: str = names.DEFAULT_PREFIX
+    ) -> None:
+        self._init(roots=roots, prefix=prefix)
 
     def require_within(self, dataset: str) -> None:
         if self.roots is not None and not names.within_roots(dataset, self.roots):
@@ -355,11 +344,6 @@ def _check_own_hold_tag(value: str, policy: _Policy) -> tuple[str, ...]:
     return ()
 
 
-def _check_property_list(value: str, policy: _Policy) -> tuple[str, ...]:
-    _check_properties(value.split(","), DATASET_PROPERTIES)
-    return ()
-
-
 def _check_resume_token(value: str, policy: _Policy) -> tuple[str, ...]:
     dataset, _ = names.split_snapshot_name(decode_resume_token(value).toname)
     policy.require_within(dataset)
@@ -376,7 +360,6 @@ _SLOT_CHECKS: dict[Slot, Callable[[str, _Policy], tuple[str, ...]]] = {
     Slot.INCREMENTAL_SOURCE: _check_incremental_source,
     Slot.OWN_BOOKMARK: _check_own_bookmark,
     Slot.OWN_HOLD_TAG: _check_own_hold_tag,
-    Slot.PROPERTIES: _check_property_list,
     Slot.RESUME_TOKEN: _check_resume_token,
 }
 
@@ -446,14 +429,42 @@ _NVPAIR_HEADER = 16  # nvp_size, nvp_name_sz, nvp_reserve, nvp_value_elem, nvp_t
 _MAX_UNPACKED_TOKEN = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class ResumeTokenContents:
-    """What a receive resume token says it continues: which snapshot, from where."""
+class ResumeTokenContents(Record):
+    """What a receive resume token says it continues: which snapshot, from where.
 
+    zfs resolves a token by its GUIDs (libzfs ``guid_to_name`` walks up from ``toname``'s
+    dataset to the pool), not by ``toname``: the gate checks them against the server.
+    ``saved``: a token of a saved partial receive (``savedok``), which libzfs resolves by
+    name instead. ``redaction``: the names of any redaction fields (``redact_snaps``,
+    ``book_redact_snaps``), which pull in further snapshots by GUID.
+    """
+
+    __slots__ = ("fromguid", "raw", "redaction", "saved", "toguid", "toname")
     toname: str
     toguid: int
     fromguid: int | None
     raw: bool
+    saved: bool
+    redaction: tuple[str, ...]
+
+    def __init__(
+        self,
+        toname: str,
+        toguid: int,
+        *,
+        fromguid: int | None,
+        raw: bool,
+        saved: bool = False,
+        redaction: tuple[str, ...] = (),
+    ) -> None:
+        self._init(
+            toname=toname,
+            toguid=toguid,
+            fromguid=fromguid,
+            raw=raw,
+            saved=saved,
+            redaction=redaction,
+        )
 
 
 def _bad_token(token: str, reason: str) -> InvalidArgument:
@@ -462,6 +473,8 @@ def _bad_token(token: str, reason: str) -> InvalidArgument:
 
 def decode_resume_token(token: str) -> ResumeTokenContents:
     """Decode ``token`` (checksum, zlib, native nvlist) or raise ``InvalidArgument``."""
+    import struct  # noqa: PLC0415 -- only tokens need them: the gate imports them lazily
+    import zlib  # noqa: PLC0415 -- (see above)
     if len(token) > _MAX_RESUME_TOKEN_LENGTH or not _RESUME_TOKEN_RE.fullmatch(token):
         raise _bad_token(token, "not <version>-<hex>-<hex>-<hex>")
     version, checksum, unpacked_length, payload_hex = token.split("-")
@@ -484,7 +497,7 @@ def decode_resume_token(token: str) -> ResumeTokenContents:
         raise _bad_token(token, f"payload does not inflate: {error}") from None
     if len(packed) != expected:
         raise _bad_token(token, "unpacked length differs from the header")
-    fields = _unpack_native_nvlist(packed, token)
+    fields, seen = _unpack_native_nvlist(packed, token)
     toname = fields.get("toname")
     toguid = fields.get("toguid")
     fromguid = fields.get("fromguid")
@@ -494,25 +507,34 @@ def decode_resume_token(token: str) -> ResumeTokenContents:
     return ResumeTokenContents(
         toname=toname,
         toguid=toguid,
-        fromguid=fromguid if isinstance(fromguid, int) else None,
-        raw="rawok" in fields,
+        # libzfs treats a missing fromguid and a zero one alike: a full send.
+        fromguid=fromguid if isinstance(fromguid, int) and fromguid else None,
+        raw="rawok" in seen,
+        saved="savedok" in seen,
+        redaction=tuple(name for name in seen if "redact" in name),
     )
 
 
-def _unpack_native_nvlist(packed: bytes, token: str) -> dict[str, str | int | bool]:
+def _unpack_native_nvlist(
+    packed: bytes, token: str
+) -> tuple[dict[str, str | int | bool], tuple[str, ...]]:
     """The flat name → value pairs of a natively packed nvlist (strings, uint64s and
-    booleans; other types are skipped by their recorded size)."""
+    booleans; other types are skipped by their recorded size), and the names of every
+    pair, whatever its type."""
+    import struct  # noqa: PLC0415 -- only tokens need it: the gate imports it lazily
+
     if len(packed) < _NVLIST_HEADER or packed[0] != 0 or packed[1] not in (0, 1):
         raise _bad_token(token, "not a natively encoded nvlist")
     order = "<" if packed[1] == 1 else ">"
     offset = _NVLIST_HEADER
     fields: dict[str, str | int | bool] = {}
+    seen: list[str] = []
     while True:
         if offset + 4 > len(packed):
             raise _bad_token(token, "nvlist truncated")
         (size,) = struct.unpack_from(f"{order}i", packed, offset)
         if size == 0:
-            return fields
+            return fields, tuple(seen)
         if size < _NVPAIR_HEADER or offset + size > len(packed):
             raise _bad_token(token, "nvpair size out of bounds")
         _, name_size, _, _, kind = struct.unpack_from(f"{order}ihhii", packed, offset)
@@ -520,6 +542,7 @@ def _unpack_native_nvlist(packed: bytes, token: str) -> dict[str, str | int | bo
             raise _bad_token(token, "nvpair name out of bounds")
         pair = packed[offset : offset + size]
         name = pair[_NVPAIR_HEADER : _NVPAIR_HEADER + name_size - 1].decode("ascii", "replace")
+        seen.append(name)
         value_at = (_NVPAIR_HEADER + name_size + 7) // 8 * 8
         if kind == _NV_TYPE_BOOLEAN:
             fields[name] = True
@@ -571,9 +594,12 @@ def list_datasets(roots: Iterable[str]) -> Argv:
 
 
 def get_properties(datasets: Iterable[str], properties: Iterable[str]) -> Argv:
-    """``zfs get -H -p -o name,property,value <props> <datasets>``."""
+    """``zfs get -H -p -o name,property,value <props> <datasets>``: local only (the disk
+    pool); the gate refuses every ``zfs get``."""
     props = _one_or_more("properties", properties)
-    return _render("get", ",".join(props), _one_or_more("datasets", datasets))
+    _check_properties(props, DATASET_PROPERTIES)
+    targets = [names.validate_dataset_name(name) for name in _one_or_more("datasets", datasets)]
+    return (ZFS, "get", "-H", "-p", "-o", PROPERTY_FIELDS, ",".join(props), *targets)
 
 
 def holds(snapshots: Iterable[str]) -> Argv:
@@ -651,22 +677,39 @@ def send_resume(token: str, *, estimate: bool = False) -> Argv:
 # -- the gate's matcher ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RemoteCommand:
+class RemoteCommand(Record):
     """An argv the gate accepts: which shape, what kind, which datasets it touches."""
 
+    __slots__ = ("argv", "datasets", "kind", "shape")
     shape: str
     kind: RemoteKind
     argv: Argv
     datasets: tuple[str, ...]
 
+    def __init__(
+        self, shape: str, kind: RemoteKind, argv: Argv, datasets: tuple[str, ...]
+    ) -> None:
+        self._init(shape=shape, kind=kind, argv=argv, datasets=datasets)
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
+
+class Refusal(Record):
     """Why the gate refuses an argv (logged on the server, sent back on stderr)."""
 
+    __slots__ = ("argv", "reason")
     argv: Argv
     reason: str
+
+    def __init__(self, argv: Argv, reason: str) -> None:
+        self._init(argv=argv, reason=reason)
+
+
+def send_is_raw(command: RemoteCommand) -> bool | None:
+    """For a send or estimate: True if raw (``-w``), False if it sends plaintext (``-L -c``),
+    None if a resume token decides (``-t``). None for anything that is not a send."""
+    tokens = _SHAPES_BY_NAME[command.shape].tokens
+    if command.kind not in (RemoteKind.SEND, RemoteKind.ESTIMATE) or Slot.RESUME_TOKEN in tokens:
+        return None
+    return "-w" in tokens
 
 
 def match_remote_argv(
