@@ -30,7 +30,12 @@ from zbackupd.server.prune import (
     prune_dataset,
 )
 from zbackupd.server.remote import RemoteHost
-from zbackupd.server.transfer import TransferProgress, stream
+from zbackupd.server.transfer import (
+    ProgressCallback,
+    TransferProgress,
+    TransferResult,
+    stream,
+)
 from zbackupd.service.pool import WrongDiskKey
 from zbackupd.service.source_run import SourceDatasetInfo
 from zbackupd.service.store import DatasetResult
@@ -103,6 +108,22 @@ def held_snapshot_name(step: planner.TransferStep) -> str | None:
         return None  # the resume itself reports the bad token
 
 
+class Streamer(Protocol):
+    """``transfer.stream``'s signature: remote send piped into local receive (a
+    constructor argument, so tests script transfers without SSH or ZFS)."""
+
+    async def __call__(
+        self,
+        remote: RemoteHost,
+        send_argv: Sequence[str],
+        runner: Runner,
+        receive_argv: Sequence[str],
+        *,
+        estimated_total: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TransferResult: ...
+
+
 class DatasetReplication:
     """One selected dataset of one source onto this run's disk."""
 
@@ -122,6 +143,7 @@ class DatasetReplication:
         log: FilteringBoundLogger,
         index: int,
         total: int,
+        streamer: Streamer = stream,
     ) -> None:
         self.config = config
         self.disk = disk
@@ -137,6 +159,7 @@ class DatasetReplication:
         self._dataset_log = log.bind(dataset=info.name, target=info.target)
         self._index = index
         self._total = total
+        self._stream = streamer
 
     async def run(
         self, snapshots: Sequence[Snapshot], bookmarks: Sequence[Bookmark]
@@ -248,7 +271,7 @@ class DatasetReplication:
         self._report(Phase.TRANSFERRING, progress=Progress(info.name, 0, estimate, 0.0,
                                                            self._index, self._total))
         try:
-            result = await stream(
+            result = await self._stream(
                 self._remote,
                 send_argv(step, info.encryption),
                 self._runner,
