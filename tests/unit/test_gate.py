@@ -617,7 +617,9 @@ def daemon_commands(draw: st.DrawFn) -> tuple[tuple[str, ...], str]:
     own2 = names.run_snapshot_name(dataset, draw(WHEN), prefix)
     foreign = f"{dataset}@{draw(COMPONENT)}"  # reuse mode: sanoid's or the admin's snapshots
     label = draw(LABEL)
-    mark = names.cursor_bookmark_name(dataset, label, prefix)
+    suffixed = draw(st.booleans())
+    guid = draw(st.integers(0, 2**64 - 1)) if suffixed else None
+    mark = names.cursor_bookmark_name(dataset, label, prefix, guid=guid)
     tag = names.hold_tag(label, prefix)
     mode = draw(st.sampled_from(list(Encryption)))
     estimate, recursive = draw(st.booleans()), draw(st.booleans())
@@ -666,6 +668,7 @@ _POOL = r"[A-Za-z][A-Za-z0-9_.:-]*"
 _PART = r"[A-Za-z0-9_.:-]+"
 _OWN_SNAPSHOT = r"{prefix}_[0-9]{{8}}T[0-9]{{6}}Z"
 _OWN_LABELLED = r"{prefix}_[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
+_OWN_CURSOR = _OWN_LABELLED + r"(:[0-9]{{1,20}})?"
 _LIST_COLUMNS = ["-o", "name,guid,createtxg,creation", "-s", "createtxg"]
 _READABLE = {
     "available", "canmount", "createtxg", "creation", "encryption", "encryptionroot", "guid",
@@ -681,6 +684,7 @@ class Oracle:
         self.roots = tuple(roots)
         self.own_snapshot = re.compile(_OWN_SNAPSHOT.format(prefix=re.escape(prefix)))
         self.own_labelled = re.compile(_OWN_LABELLED.format(prefix=re.escape(prefix)))
+        self.own_cursor = re.compile(_OWN_CURSOR.format(prefix=re.escape(prefix)))
 
     def dataset(self, name: str) -> bool:
         parts = name.split("/")
@@ -706,7 +710,7 @@ class Oracle:
         return self.versioned(name, "@", self.own_snapshot if own else None)
 
     def bookmark(self, name: str, *, own: bool = False) -> str | None:
-        return self.versioned(name, "#", self.own_labelled if own else None)
+        return self.versioned(name, "#", self.own_cursor if own else None)
 
     def token_snapshot(self, token: str) -> str | None:
         """The dataset a resume token continues (its ``toname``), read by hand."""

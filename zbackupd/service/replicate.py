@@ -26,7 +26,8 @@ from zbackupd.server.prune import (
     InUseLease,
     OwnSnapshotPolicy,
     ServerPruneFailed,
-    other_cursor_short_names,
+    cursors_of,
+    other_disk_labels,
     prune_dataset,
 )
 from zbackupd.server.remote import RemoteHost
@@ -160,6 +161,11 @@ class DatasetReplication:
         self._index = index
         self._total = total
         self._stream = streamer
+        #: This disk's cursor bookmarks on the server, oldest first (the last is the cursor);
+        #: kept up to date as the cursor moves.
+        self._cursors: list[Bookmark] = []
+        #: The server's snapshots of this dataset in this run's listing.
+        self._server_snapshots: tuple[Snapshot, ...] = ()
 
     async def run(
         self, snapshots: Sequence[Snapshot], bookmarks: Sequence[Bookmark]
@@ -171,8 +177,8 @@ class DatasetReplication:
             tuple(s for s in snapshots if s.dataset == info.name),
             tuple(b for b in bookmarks if b.dataset == info.name),
         )
-        cursor_name = names.cursor_bookmark_name(info.name, self.disk.label)
-        cursor = next((b for b in server.bookmarks if b.name == cursor_name), None)
+        self._server_snapshots = server.snapshots
+        self._cursors = list(cursors_of(server.bookmarks, self.disk.label))
         sent = 0
         outcome = "up to date"
         problem: str | None = None
@@ -184,7 +190,7 @@ class DatasetReplication:
                     server=server,
                     disk=disk,
                     encryption=info.encryption,
-                    cursor=cursor,
+                    cursor=self.cursor,
                     snapshot_filter=snapshot_filter(info.config),
                     disk_encryption=received_as,
                 )
@@ -201,10 +207,10 @@ class DatasetReplication:
                 if not dataset_plan.replan_after:
                     break
             if final is not None:
-                await self._move_cursor(final, cursor)
+                await self._move_cursor(final)
                 await self.prune_server(final)
             self._report(Phase.PRUNING, info.target)
-            await self._prune_disk(final, cursor)
+            await self._prune_disk(final, self.cursor)
         except planner.PlanConflictError as error:
             outcome = f"conflict: {error}"
             problem = f"{info.name}: {error}"
@@ -302,15 +308,41 @@ class DatasetReplication:
         if result.returncode != 0 and "tag already exists" not in result.stderr:
             raise parse.classify_error(result.argv, result.returncode, result.stderr)
 
-    async def _move_cursor(self, final: Snapshot, cursor: Bookmark | None) -> None:
-        """Point this disk's bookmark at what the disk now holds (a space-free base)."""
-        if cursor is not None and cursor.guid == final.guid:
-            return
-        server_snapshot = f"{self.info.name}@{final.short_name}"
-        cursor_name = names.cursor_bookmark_name(self.info.name, self.disk.label)
-        if cursor is not None:
-            await self._remote.run(zargv.destroy_bookmark(cursor_name))
-        await self._remote.run(zargv.bookmark(server_snapshot, cursor_name))
+    @property
+    def cursor(self) -> Bookmark | None:
+        """This disk's cursor on the server: the newest of its cursor bookmarks."""
+        return self._cursors[-1] if self._cursors else None
+
+    async def _move_cursor(self, to: Snapshot) -> None:
+        """Point this disk's cursor at ``to`` (what the disk now holds: a space-free base).
+
+        The new bookmark is made first, under its own name (``<prefix>_<label>:<guid>``),
+        and only then are this disk's other cursor bookmarks destroyed: a crash in between
+        leaves two cursors (the newest counts), never none. A failed clean-up only warns.
+        """
+        info = self.info
+        current = self.cursor
+        if current is None or current.guid != to.guid:
+            on_server = next((s for s in self._server_snapshots if s.guid == to.guid), None)
+            if on_server is None:
+                self._dataset_log.warning(
+                    f"cursor not moved: {to.short_name} (guid {to.guid}) is no longer a "
+                    f"snapshot of {info.name} on the server", snapshot=to.name, guid=to.guid)
+                return
+            name = names.cursor_bookmark_name(info.name, self.disk.label, guid=on_server.guid)
+            if all(mark.name != name for mark in self._cursors):
+                await self._remote.run(zargv.bookmark(on_server.name, name))
+            current = Bookmark(name, on_server.guid, on_server.createtxg, on_server.creation)
+            self._cursors = [m for m in self._cursors if m.name != name] + [current]
+        for old in [m for m in self._cursors if m.name != current.name]:
+            try:
+                await self._remote.run(zargv.destroy_bookmark(old.name))
+            except ZbackupdError as error:
+                self._dataset_log.warning(
+                    f"old cursor {old.name} not destroyed (the newest counts; the next move "
+                    f"tries again): {error}", bookmark=old.name, error=str(error))
+                continue
+            self._cursors.remove(old)
 
     async def prune_server(self, final: Snapshot) -> None:
         """With the cursor at ``final``: destroy older own snapshots of the dataset on the
@@ -318,14 +350,14 @@ class DatasetReplication:
         info = self.info
         if info.config.snapshots != "create":
             return
-        others = other_cursor_short_names(self.config, self.disk, self.source)
+        others = other_disk_labels(self.config, self.disk, self.source)
         try:
             decision = await prune_dataset(
                 self._remote,
                 info.name,
                 OwnSnapshotPolicy(info.config.snapshot_prefix, self.source.keep_own_snapshots),
                 sent=final,
-                other_cursor_names=others,
+                other_disks=others,
                 in_use=self._in_use.others_now,
                 own_hold_tag=names.hold_tag(self.disk.label),
             )

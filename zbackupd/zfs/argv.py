@@ -612,7 +612,7 @@ def destroy_snapshots(dataset: str, short_names: Iterable[str]) -> Argv:
 
 
 def destroy_bookmark(bookmark_name: str) -> Argv:
-    """``zfs destroy ds#mark`` (moving a cursor = destroy the old, create the new)."""
+    """``zfs destroy ds#mark`` (moving a cursor: create the new name, then destroy the old)."""
     return _render("destroy_bookmark", bookmark_name)
 
 
