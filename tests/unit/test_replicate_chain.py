@@ -303,3 +303,39 @@ def test_the_gate_allows_exactly_own_suffixed_cursor_names() -> None:
     for name in ("zbackupd_offsite-a:", "zbackupd_offsite-a:3a", "zbackupd_offsite-a:1:2",
                  "zbackupd_:3", "zbackupd_offsite-a:" + "9" * 21, "other_offsite-a:3"):
         assert isinstance(gate.decide(f"zfs destroy tank/a#{name}", config), gate.Refused), name
+
+
+# -- B: the cursor follows every completed step; the hold outlives the move -------------
+
+
+async def test_the_hold_is_released_only_after_the_cursor_moved_past_it() -> None:
+    w = world([own(1), own(2)], [mark(LEGACY, own(1))], on_disk(1))
+    await w.run(info())
+    held = own(2).name
+    assert w.index("zfs", "hold", TAG, held) < w.index("stream")
+    assert w.index("zfs", "bookmark", held) < w.index("zfs", "release", TAG, held)
+    assert w.server.holds == set()
+
+
+async def test_the_cursor_follows_each_completed_step_of_a_chain() -> None:
+    """From a bookmark (day 1 is gone on the server) the plan is ``-i #cursor day2`` then
+    ``-I day2 day4``; the second stream is cut before it lands anything. The cursor is at
+    day 2, what the disk holds, and day 4 stays held for the resume."""
+    w = world([own(2), own(3), own(4)], [mark(LEGACY, own(1))], on_disk(1))
+    w.streamer.cut = {own(4).name: 0}
+    outcome, problem = await w.run(info())
+    assert outcome.startswith("failed")
+    assert problem is not None
+    assert w.server.cursors() == [f"{LEGACY}:{own(2).guid}"]
+    assert w.index("zfs", "bookmark", own(2).name) < w.index("stream", "zfs", "send", "-w", "-I")
+    assert w.server.holds == {(own(4).name, TAG)}
+
+
+async def test_a_cut_chain_moves_the_cursor_to_what_the_disk_has() -> None:
+    """One ``-I day1 day4`` stream cut after days 2 and 3 landed: the cursor follows the
+    disk to day 3."""
+    w = world([own(1), own(2), own(3), own(4)], [mark(LEGACY, own(1))], on_disk(1))
+    w.streamer.cut = {own(4).name: 2}
+    outcome, _ = await w.run(info())
+    assert outcome.startswith("failed")
+    assert w.server.cursors() == [f"{LEGACY}:{own(3).guid}"]

@@ -109,6 +109,22 @@ def held_snapshot_name(step: planner.TransferStep) -> str | None:
         return None  # the resume itself reports the bad token
 
 
+def step_target(
+    step: planner.TransferStep, server_snapshots: Sequence[Snapshot]
+) -> Snapshot | None:
+    """The server snapshot the disk holds once ``step`` has landed (where this disk's
+    cursor then points), None when the listing does not have it."""
+    if isinstance(step, planner.FullSend):
+        return step.snapshot
+    if isinstance(step, planner.IncrementalSend):
+        return step.to
+    try:
+        guid = zargv.decode_resume_token(step.token).toguid
+    except zargv.InvalidArgument:
+        return None
+    return next((snap for snap in server_snapshots if snap.guid == guid), None)
+
+
 class Streamer(Protocol):
     """``transfer.stream``'s signature: remote send piped into local receive (a
     constructor argument, so tests script transfers without SSH or ZFS)."""
@@ -200,8 +216,14 @@ class DatasetReplication:
                 if dataset_plan.is_up_to_date:
                     final = dataset_plan.common_base
                     break
-                for step in dataset_plan.transfers:
-                    sent += await self._transfer(step)
+                try:
+                    for step in dataset_plan.transfers:
+                        sent += await self._transfer(step)
+                except (parse.PoolSuspended, WrongDiskKey):
+                    raise
+                except ZbackupdError:
+                    await self._cursor_to_disk()
+                    raise
                 outcome = "sent"
                 final = dataset_plan.final_snapshot
                 if not dataset_plan.replan_after:
@@ -292,7 +314,12 @@ class DatasetReplication:
                 self._log.info(f"transfer interrupted: hold on {held} kept for the resume",
                                dataset=info.name, snapshot=held, tag=tag)
             raise
+        target = step_target(step, self._server_snapshots)
+        if target is not None:
+            # The disk holds the step's snapshot: the cursor follows each completed step.
+            await self._move_cursor(target)
         if held is not None:
+            # Only now, with the cursor past it, may the snapshot go.
             await self._remote.run(zargv.release(tag, [held]), check=False)
         self._log.info(
             f"transfer finished: {info.name}, {human_bytes(result.bytes_transferred)} "
@@ -312,6 +339,28 @@ class DatasetReplication:
     def cursor(self) -> Bookmark | None:
         """This disk's cursor on the server: the newest of its cursor bookmarks."""
         return self._cursors[-1] if self._cursors else None
+
+    async def _cursor_to_disk(self) -> None:
+        """After a failed step: point the cursor at the newest snapshot the disk shares with
+        the server, if that is newer than the cursor (an ``-I`` stream cut midway leaves
+        the snapshots before the cut). A failure here only warns: the step's is the error."""
+        try:
+            disk, _ = await self._disk_state()
+            if disk is None:
+                return
+            base = planner.newest_common_snapshot(self._server_snapshots, (), disk.snapshots)
+            on_server = next(
+                (s for s in self._server_snapshots if base is not None and s.guid == base.guid),
+                None,
+            )
+            cursor = self.cursor
+            if on_server is not None and (cursor is None or on_server.createtxg > cursor.createtxg):
+                await self._move_cursor(on_server)
+        except (parse.PoolSuspended, WrongDiskKey):
+            raise
+        except ZbackupdError as error:
+            self._dataset_log.warning(f"cursor not moved after the failed transfer: {error}",
+                                      error=str(error), error_type=type(error).__name__)
 
     async def _move_cursor(self, to: Snapshot) -> None:
         """Point this disk's cursor at ``to`` (what the disk now holds: a space-free base).
