@@ -38,7 +38,9 @@ def send_payload(argv: Sequence[str]) -> bytes:
 def _listing(argv: Sequence[str]) -> str:
     datasets = [word for word in argv if "/" in word and not word.startswith("-")]
     if "filesystem,volume" in argv:
-        return "".join(f"{ds}\t{guid_of(ds)}\taes-256-gcm\t{ds}\n" for ds in datasets)
+        return "".join(
+            f"{ds}\tfilesystem\t{guid_of(ds)}\taes-256-gcm\t{ds}\n" for ds in datasets
+        )
     rows = []
     for txg, ds in enumerate(datasets, start=100):
         snapshot = f"{ds}@zbackupd_20250101T000000Z"

@@ -742,7 +742,7 @@ class Oracle:
                 datasets = tail[depth:]
                 return bool(depth and datasets) and all(map(self.dataset, datasets))
             case ["zfs", "list", "-H", "-p", "-t", "filesystem,volume", "-o", columns, "-r", *ds]:
-                good = columns == "name,guid,encryption,encryptionroot"
+                good = columns == "name,type,guid,encryption,encryptionroot"
                 return good and bool(ds) and all(map(self.dataset, ds))
             case ["zfs", "get", "-H", "-p", "-o", "name,property,value", props, *ds]:
                 wanted = props.split(",")

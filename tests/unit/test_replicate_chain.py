@@ -26,6 +26,7 @@ from zbackupd.server.remote import RemoteHost
 from zbackupd.server.transfer import ProgressCallback, TransferFailed, TransferResult
 from zbackupd.service.replicate import DatasetReplication
 from zbackupd.service.source_run import SourceDatasetInfo
+from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import parse
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import CommandResult, Runner
@@ -339,3 +340,27 @@ async def test_a_cut_chain_moves_the_cursor_to_what_the_disk_has() -> None:
     outcome, _ = await w.run(info())
     assert outcome.startswith("failed")
     assert w.server.cursors() == [f"{LEGACY}:{own(3).guid}"]
+
+
+# -- C: volumes ---------------------------------------------------------------------------
+
+
+def test_the_dataset_listing_says_which_are_volumes() -> None:
+    argv = zargv.list_datasets(["tank/a"])
+    columns = argv[argv.index("-o") + 1].split(",")
+    assert columns[:2] == ["name", "type"]
+    rows = parse.parse_datasets("tank/a\tfilesystem\t1\toff\t-\ntank/a/vol\tvolume\t2\toff\t-\n")
+    assert [(r.name, r.volume) for r in rows] == [("tank/a", False), ("tank/a/vol", True)]
+    assert isinstance(gate.decide(" ".join(argv), gate.GateConfig(roots=("tank/a",))),
+                      gate.Accepted)  # fmt: skip
+
+
+async def test_a_volume_is_received_without_a_device_node_or_mount_properties() -> None:
+    vol = own(1, "tank/a/vol")
+    w = world([vol])
+    outcome, problem = await w.run(info(name="tank/a/vol", volume=True))
+    assert problem is None, outcome
+    [receive] = w.streamer.receives
+    assert receive[receive.index("volmode=none") - 1:][:2] == ("-o", "volmode=none")
+    assert "readonly=on" in receive
+    assert not {"canmount=noauto", "mountpoint=none", "mountpoint"} & set(receive)

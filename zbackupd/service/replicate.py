@@ -303,7 +303,7 @@ class DatasetReplication:
                 self._remote,
                 send_argv(step, info.encryption),
                 self._runner,
-                zargv.receive(info.target),
+                zargv.receive(info.target, volume=info.volume),
                 estimated_total=estimate,
                 on_progress=on_progress,
             )

@@ -37,6 +37,7 @@ class SourceDatasetInfo:
     encryption: Encryption
     target: str
     config: SourceDataset
+    volume: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,11 @@ def select_datasets(
                 chosen.setdefault(
                     row.name,
                     SourceDatasetInfo(
-                        row.name, row.encryption, target_dataset(disk, source, row.name), config
+                        row.name,
+                        row.encryption,
+                        target_dataset(disk, source, row.name),
+                        config,
+                        volume=row.volume,
                     ),
                 )
     return tuple(sorted(chosen.values(), key=lambda info: info.name))
