@@ -25,7 +25,7 @@ from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
 from zbackupd.server.transfer import ProgressCallback, TransferFailed, TransferResult
 from zbackupd.service.replicate import DatasetReplication
-from zbackupd.service.source_run import SourceDatasetInfo
+from zbackupd.service.source_run import SourceDatasetInfo, SourceRun
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import parse
 from zbackupd.zfs.facade import Zfs
@@ -364,3 +364,29 @@ async def test_a_volume_is_received_without_a_device_node_or_mount_properties() 
     assert receive[receive.index("volmode=none") - 1:][:2] == ("-o", "volmode=none")
     assert "readonly=on" in receive
     assert not {"canmount=noauto", "mountpoint=none", "mountpoint"} & set(receive)
+
+
+# -- D: one atomic snapshot of exactly the selected datasets ---------------------------
+
+
+async def test_the_run_snapshot_covers_exactly_the_selected_datasets() -> None:
+    events: list[Event] = []
+    server = FakeServer(events, datasets="".join(
+        f"{name}\tfilesystem\t{n}\toff\t-\n" for n, name in enumerate(
+            ["tank/a", "tank/a/child", "tank/a/skip", "tank/a/skip/deep", "tank/b",
+             "tank/c", "tank/c/child"], start=1)))  # fmt: skip
+    registry = InUseRegistry()
+    work = SourceRun(disk=DISK, source=SOURCE, remote=cast(RemoteHost, server),
+                     zfs=cast(Zfs, None), in_use=registry.lease("run-a"), now=lambda: NOW,
+                     log=structlog.get_logger())  # fmt: skip
+    await work.take_snapshots()
+    listing = await work.list()
+    short = "zbackupd_20260105T000000Z"
+    snapshots = [e for e in events if e[1] == "snapshot"]
+    assert snapshots == [("zfs", "snapshot", *(f"{d}@{short}" for d in
+                                               ("tank/a", "tank/a/child", "tank/c")))]
+    assert events.index(snapshots[0]) < next(n for n, e in enumerate(events)
+                                         if "snapshot,bookmark" in e)  # fmt: skip
+    assert [s.name for s in listing.selected] == ["tank/a", "tank/a/child", "tank/b", "tank/c"]
+    assert registry.in_use([f"tank/a/skip@{short}"]) == frozenset()
+    assert registry.in_use([f"tank/a/child@{short}"]) == {f"tank/a/child@{short}"}

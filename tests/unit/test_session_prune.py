@@ -145,10 +145,14 @@ def replication(run: Session, fake: FakeRemote, dataset: SourceDatasetInfo) -> D
 
 async def test_the_run_snapshot_is_registered_before_it_is_taken() -> None:
     registry = InUseRegistry()
-    remote = FakeRemote(registry)
+    rows = "".join(f"{ds}\tfilesystem\t{n}\toff\t-\n"
+                   for n, ds in enumerate(("tank/a", "tank/a/child", "tank/b"), start=1))
+    remote = FakeRemote(registry, {"list": (0, rows, "")})
     await session(registry).source_run(SOURCE, remote_host(remote)).take_snapshots()
-    assert remote.calls == [("zfs", "snapshot", "-r", "tank/a@zbackupd_20260105T000000Z")]
-    assert remote.in_use_at_call == [set(RUN_SNAPSHOTS)]
+    # Listed first; then one atomic snapshot of exactly the selected create-mode datasets.
+    assert remote.calls[0][:2] == ("zfs", "list")
+    assert remote.calls[1:] == [("zfs", "snapshot", *RUN_SNAPSHOTS)]
+    assert remote.in_use_at_call[1:] == [set(RUN_SNAPSHOTS)]
 
 
 async def test_a_prune_spares_what_the_other_disk_may_need() -> None:
