@@ -390,3 +390,17 @@ async def test_the_run_snapshot_covers_exactly_the_selected_datasets() -> None:
     assert [s.name for s in listing.selected] == ["tank/a", "tank/a/child", "tank/b", "tank/c"]
     assert registry.in_use([f"tank/a/skip@{short}"]) == frozenset()
     assert registry.in_use([f"tank/a/child@{short}"]) == {f"tank/a/child@{short}"}
+
+
+# -- E: this disk's stale holds go in every mode ----------------------------------------
+
+
+async def test_this_disks_stale_holds_are_released_in_reuse_mode_too() -> None:
+    auto = [Snapshot(f"tank/b@autosnap_{day}", day, 10 * day) for day in range(1, 5)]
+    w = world(auto)
+    w.server.holds = {(auto[0].name, TAG), (auto[1].name, "zbackupd_offsite-b"),
+                      (auto[3].name, TAG)}  # fmt: skip
+    await w.replication(info(REUSE, "tank/b")).prune_server(auto[2])
+    # Older than what the disk now holds: stale. Another disk's and a newer one stay.
+    assert w.server.holds == {(auto[1].name, "zbackupd_offsite-b"), (auto[3].name, TAG)}
+    assert not [e for e in w.events if e[1] == "destroy"]

@@ -396,5 +396,34 @@ async def prune_dataset(
     return decision
 
 
+async def release_stale_holds(
+    remote: RemoteRunner, dataset: str, tag: str, *, sent: Snapshot
+) -> tuple[str, ...]:
+    """Release hold ``tag`` (this disk's) from every snapshot of ``dataset`` at or before
+    ``sent`` (matched by guid in a fresh ``-d 1`` listing), whatever the snapshot mode.
+
+    This disk holds a snapshot only while it travels to the disk (or waits for a resume);
+    once the disk holds ``sent`` and its cursor is there, a hold of this disk's on ``sent``
+    or anything older is stale (an interrupted transfer superseded, a release that
+    failed). Other tags, other disks' included, are never touched. Returns the released
+    snapshots; failures raise ``ServerPruneFailed``.
+    """
+    stale: list[str] = []
+    try:
+        answer = await remote.run(zargv.list_snapshots_and_bookmarks([dataset]))
+        listing, _ = parse.parse_versions(answer.text)
+        here = next((s for s in listing if s.guid == sent.guid), None)
+        if here is None:
+            return ()
+        older = [s.name for s in listing if s.createtxg <= here.createtxg]
+        held = parse.parse_holds((await remote.run(zargv.holds(older))).text)
+        stale = sorted({h.snapshot for h in held if h.tag == tag})
+        if stale:
+            await remote.run(zargv.release(tag, stale))
+    except ZbackupdError as error:
+        raise ServerPruneFailed(dataset, stale, error) from error
+    return tuple(stale)
+
+
 def _full_names(decision: ServerPruneDecision) -> list[str]:
     return [snap.name for snap in decision.destroy]

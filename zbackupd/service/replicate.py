@@ -29,6 +29,7 @@ from zbackupd.server.prune import (
     cursors_of,
     other_disk_labels,
     prune_dataset,
+    release_stale_holds,
 )
 from zbackupd.server.remote import RemoteHost
 from zbackupd.server.transfer import (
@@ -394,9 +395,22 @@ class DatasetReplication:
             self._cursors.remove(old)
 
     async def prune_server(self, final: Snapshot) -> None:
-        """With the cursor at ``final``: destroy older own snapshots of the dataset on the
-        server (``server/prune.py`` says which). A failure only warns: the next run retries."""
+        """With the cursor at ``final``: release this disk's stale holds (every mode), then
+        destroy older own snapshots of the dataset on the server (``create`` mode;
+        ``server/prune.py`` says which). A failure only warns: the next run retries."""
         info = self.info
+        tag = names.hold_tag(self.disk.label)
+        try:
+            released = await release_stale_holds(self._remote, info.name, tag, sent=final)
+        except ServerPruneFailed as error:
+            self._log.warning(f"releasing stale holds on {info.name} failed (the next run "
+                              f"tries again): {error.cause}", dataset=info.name,
+                              snapshots=list(error.snapshots), error=str(error.cause),
+                              error_type=type(error.cause).__name__, transient=error.transient)
+        else:
+            if released:
+                self._log.info(f"released {len(released)} stale hold(s) {tag} on {info.name}",
+                               dataset=info.name, snapshots=list(released), tag=tag)
         if info.config.snapshots != "create":
             return
         others = other_disk_labels(self.config, self.disk, self.source)
