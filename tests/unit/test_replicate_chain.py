@@ -119,8 +119,10 @@ class FakeServer:
             return 0, self.datasets, ""
         if verb == "list":
             dataset = argv[-1]
-            rows = [v for v in (*self.snapshots, *self.bookmarks) if v.dataset == dataset]
-            return 0, "".join(f"{v.name}\t{v.guid}\t{v.createtxg}\t0\n" for v in rows), ""
+            versions: list[Snapshot | Bookmark] = [*self.snapshots, *self.bookmarks]
+            lines = [f"{v.name}\t{v.guid}\t{v.createtxg}\t0\n" for v in versions
+                     if v.dataset == dataset]  # fmt: skip
+            return 0, "".join(lines), ""
         if verb == "bookmark":
             snap = next(s for s in self.snapshots if s.name == argv[2])
             if any(b.name == argv[3] for b in self.bookmarks):
@@ -137,8 +139,8 @@ class FakeServer:
         elif verb == "release":
             self.holds -= {(snap, argv[2]) for snap in argv[3:]}
         elif verb == "holds":
-            rows = [f"{s}\t{t}\t1\n" for s, t in sorted(self.holds) if s in argv[4:]]
-            return 0, "".join(rows), ""
+            held = [f"{s}\t{t}\t1\n" for s, t in sorted(self.holds) if s in argv[4:]]
+            return 0, "".join(held), ""
         return 0, "", ""
 
     def cursors(self, label: str = "offsite-a") -> list[str]:
