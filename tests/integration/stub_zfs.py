@@ -45,7 +45,8 @@ def _listing(argv: Sequence[str], encrypted: Sequence[str]) -> str:
     datasets = [word for word in argv if "/" in word and not word.startswith("-")]
     if "filesystem,volume" in argv:
         return "".join(
-            f"{ds}\t{guid_of(ds)}\t{_encryption(ds, encrypted)}\t{ds if ds in encrypted else '-'}\n"
+            f"{ds}\tfilesystem\t{guid_of(ds)}\t{_encryption(ds, encrypted)}"
+            f"\t{ds if ds in encrypted else '-'}\n"
             for ds in datasets
         )
     if argv[:4] == ["list", "-H", "-p", "-o"] and argv[4] == "guid":

@@ -138,6 +138,10 @@ BUILT = {
         ("zfs", "receive", "-s", "-u", "-F", "-o", "readonly=on", "-o", "canmount=noauto",
          "-o", "mountpoint=none", "xpool/b"),
     ),
+    "receive a volume": (
+        zargv.receive("xpool/b/vol", volume=True),
+        ("zfs", "receive", "-s", "-u", "-o", "readonly=on", "-o", "volmode=none", "xpool/b/vol"),
+    ),
     "receive abort": (zargv.receive_abort("xpool/b"), ("zfs", "receive", "-A", "xpool/b")),
     "import": (
         zargv.zpool_import("/dev/disk/by-id/usb-QEMU_HARDDISK_S1-0:0-part1", 1234567890123),

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from tests.integration.stub_zfs import guid_of
 from zbackupd.core.model import Encryption
-from zbackupd.server import gate
+from zbackupd.server import gate, gate_config
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names
 
@@ -137,7 +137,7 @@ def test_the_documented_example_validates() -> None:
 
 
 def test_a_minimal_config_takes_the_defaults() -> None:
-    config = gate.parse_config('roots = ["tank/data"]\n', "gate.toml")
+    config = gate_config.parse_config('roots = ["tank/data"]\n', "gate.toml")
     assert config == gate.GateConfig(
         roots=("tank/data",),
         allow_snapshot=True,
@@ -153,7 +153,7 @@ def test_every_key_is_read() -> None:
         'roots = ["tank/a", "pool2"]\nallow_snapshot = false\nallow_destroy = false\n'
         'require_raw = true\nprefix = "site"\nzfs = "/opt/zfs/bin/zfs"\n'
     )
-    assert gate.parse_config(text, "g.toml") == gate.GateConfig(
+    assert gate_config.parse_config(text, "g.toml") == gate.GateConfig(
         roots=("tank/a", "pool2"),
         allow_snapshot=False,
         allow_destroy=False,
@@ -186,7 +186,7 @@ def test_every_key_is_read() -> None:
 )
 def test_bad_configs_are_refused_naming_key_and_file(text: str, key: str, why: str) -> None:
     with pytest.raises(gate.GateConfigError) as caught:
-        gate.parse_config(text, "/etc/zbackupd/gate.toml")
+        gate_config.parse_config(text, "/etc/zbackupd/gate.toml")
     assert caught.value.path == "/etc/zbackupd/gate.toml"
     assert "/etc/zbackupd/gate.toml" in str(caught.value)
     assert any(k == key and why in reason for k, reason in caught.value.problems), (
@@ -197,7 +197,7 @@ def test_bad_configs_are_refused_naming_key_and_file(text: str, key: str, why: s
 
 def test_every_problem_is_listed_at_once() -> None:
     with pytest.raises(gate.GateConfigError) as caught:
-        gate.parse_config('bogus = 1\nprefix = ""\nzfs = "x/y"\n', "g.toml")
+        gate_config.parse_config('bogus = 1\nprefix = ""\nzfs = "x/y"\n', "g.toml")
     assert {key for key, _ in caught.value.problems} == {"bogus", "roots", "prefix", "zfs"}
 
 
@@ -797,6 +797,7 @@ STANDALONE_FILES = (
     "zbackupd/core/values.py",
     "zbackupd/server/__init__.py",
     "zbackupd/server/gate.py",
+    "zbackupd/server/gate_config.py",
     "zbackupd/zfs/__init__.py",
     "zbackupd/zfs/names.py",
     "zbackupd/zfs/argv.py",
@@ -887,7 +888,9 @@ def daemon_commands(draw: st.DrawFn) -> tuple[tuple[str, ...], str]:
     own2 = names.run_snapshot_name(dataset, draw(WHEN), prefix)
     foreign = f"{dataset}@{draw(COMPONENT)}"  # reuse mode: sanoid's or the admin's snapshots
     label = draw(LABEL)
-    mark = names.cursor_bookmark_name(dataset, label, prefix)
+    suffixed = draw(st.booleans())
+    guid = draw(st.integers(0, 2**64 - 1)) if suffixed else None
+    mark = names.cursor_bookmark_name(dataset, label, prefix, guid=guid)
     tag = names.hold_tag(label, prefix)
     mode = draw(st.sampled_from(list(Encryption)))
     estimate, recursive = draw(st.booleans()), draw(st.booleans())
@@ -934,6 +937,7 @@ _POOL = r"[A-Za-z][A-Za-z0-9_.:-]*"
 _PART = r"[A-Za-z0-9_.:-]+"
 _OWN_SNAPSHOT = r"{prefix}_[0-9]{{8}}T[0-9]{{6}}Z"
 _OWN_LABELLED = r"{prefix}_[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
+_OWN_CURSOR = _OWN_LABELLED + r"(:[0-9]{{1,20}})?"
 _LIST_COLUMNS = ["-o", "name,guid,createtxg,creation", "-s", "createtxg"]
 
 
@@ -950,6 +954,7 @@ class Oracle:
         self.encrypted = encrypted
         self.own_snapshot = re.compile(_OWN_SNAPSHOT.format(prefix=re.escape(prefix)))
         self.own_labelled = re.compile(_OWN_LABELLED.format(prefix=re.escape(prefix)))
+        self.own_cursor = re.compile(_OWN_CURSOR.format(prefix=re.escape(prefix)))
 
     def dataset(self, name: str) -> bool:
         parts = name.split("/")
@@ -975,7 +980,7 @@ class Oracle:
         return self.versioned(name, "@", self.own_snapshot if own else None)
 
     def bookmark(self, name: str, *, own: bool = False) -> str | None:
-        return self.versioned(name, "#", self.own_labelled if own else None)
+        return self.versioned(name, "#", self.own_cursor if own else None)
 
     def token_snapshot(self, token: str) -> str | None:  # noqa: PLR0911 -- one per rule
         """The dataset a resume token continues (its ``toname``), read by hand, if the
@@ -1029,7 +1034,7 @@ class Oracle:
                 datasets = tail[depth:]
                 return bool(depth and datasets) and all(map(self.dataset, datasets))
             case ["zfs", "list", "-H", "-p", "-t", "filesystem,volume", "-o", columns, "-r", *ds]:
-                good = columns == "name,guid,encryption,encryptionroot"
+                good = columns == "name,type,guid,encryption,encryptionroot"
                 return good and bool(ds) and all(map(self.dataset, ds))
             case ["zfs", "holds", "-H", "-p", *snaps]:
                 return bool(snaps) and all(self.snapshot(s) for s in snaps)

@@ -39,6 +39,7 @@ GATE_MODULES = frozenset(
         "zbackupd.core",
         "zbackupd.core.values",
         "zbackupd.server",
+        "zbackupd.server.gate_config",
         "zbackupd.zfs",
         "zbackupd.zfs.names",
         "zbackupd.zfs.argv",

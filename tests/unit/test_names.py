@@ -148,6 +148,23 @@ def test_own_bookmarks_and_hold_tags_follow_the_disk_label() -> None:
     assert not names.is_own_hold_tag("zbackupd_offsite-1", prefix="other")
 
 
+def test_a_disks_cursors_are_its_legacy_name_and_its_guid_suffixed_names() -> None:
+    assert names.cursor_bookmark_name("tank/a", "off-1", guid=42) == "tank/a#zbackupd_off-1:42"
+    for name in ("tank/a#zbackupd_off-1", "tank/a#zbackupd_off-1:42", "zbackupd_off-1:0"):
+        assert names.is_cursor_of(name, "off-1")
+        assert names.is_own_bookmark(name)
+    # The separator is outside the label grammar: disk "a"'s cursors are never disk "a_5"'s.
+    assert names.cursor_label("zbackupd_a_5:7") == "a_5"
+    assert not names.is_cursor_of("zbackupd_a_5", "a")
+    assert not names.is_cursor_of("zbackupd_a:5", "a_5")
+    for name in ("zbackupd_off-1:", "zbackupd_off-1:4a", "zbackupd_off-1:1:2",
+                 "zbackupd_off-1:" + "1" * 21, "zbackupd_:1", "site_off-1:1"):
+        assert not names.is_own_bookmark(name), name
+    assert names.is_cursor_of("site_off-1:1", "off-1", prefix="site")
+    with pytest.raises(InvalidName):
+        names.cursor_bookmark_name("tank/a", "off-1", guid=2**64)
+
+
 @pytest.mark.parametrize("label", ["", "-x", "a b", "a/b", "a@b", "a#b", "a:b", "x" * 65])
 def test_disk_labels_that_would_break_names_are_refused(label: str) -> None:
     with pytest.raises(InvalidName):

@@ -68,7 +68,8 @@ def test_malformed_listing_lines_raise_parse_error_with_the_line(line: str) -> N
 
 def test_dataset_listing_picks_the_send_mode() -> None:
     text = (
-        "tank\t11\taes-256-gcm\ttank\ntank/plain\t12\toff\t-\ntank/child\t13\taes-256-gcm\ttank\n"
+        "tank\tfilesystem\t11\taes-256-gcm\ttank\ntank/plain\tfilesystem\t12\toff\t-\n"
+        "tank/child\tvolume\t13\taes-256-gcm\ttank\n"
     )
     rows = parse.parse_datasets(text)
     assert [(r.name, r.encryption, r.encryption_root) for r in rows] == [
@@ -77,6 +78,9 @@ def test_dataset_listing_picks_the_send_mode() -> None:
         ("tank/child", Encryption.ENCRYPTED, "tank"),
     ]
     assert rows[1].guid == 12
+    assert [r.volume for r in rows] == [False, False, True]
+    with pytest.raises(ParseError):
+        parse.parse_datasets("tank/x\tsnapshot\t1\toff\t-\n")
 
 
 def test_holds() -> None:

@@ -24,7 +24,7 @@ from zbackupd.server.prune import (
     OwnSnapshotPolicy,
     ServerPruneFailed,
     ServerPruneInputError,
-    other_cursor_short_names,
+    other_disk_labels,
     prune_dataset,
     select_own_for_destroy,
 )
@@ -237,9 +237,9 @@ def test_other_cursors_are_those_of_the_other_disks_backing_up_the_source() -> N
     config = load_config(REPO / "docs" / "examples" / "full.toml")
     first, second = config.disks  # offsite-a: backup + mail; offsite-b: backup only
     backup, mail = config.sources
-    assert other_cursor_short_names(config, first, backup) == {"zbackupd_offsite-b"}
-    assert other_cursor_short_names(config, second, backup) == {"zbackupd_offsite-a"}
-    assert other_cursor_short_names(config, first, mail) == frozenset()
+    assert other_disk_labels(config, first, backup) == {"offsite-b"}
+    assert other_disk_labels(config, second, backup) == {"offsite-a"}
+    assert other_disk_labels(config, first, mail) == frozenset()
 
 
 # -- the registry -------------------------------------------------------------------------
@@ -339,7 +339,7 @@ async def test_the_other_disks_cursor_is_read_at_prune_time() -> None:
     )
     decision = await prune_dataset(
         remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D4),
-        other_cursor_names={"zbackupd_offsite-b"},
+        other_disks={"offsite-b"},
     )
     assert decision.short_names == (D1, D2)
     assert {k.snapshot.short_name: k.reasons for k in decision.keep}[D3] == (

@@ -145,10 +145,14 @@ def replication(run: Session, fake: FakeRemote, dataset: SourceDatasetInfo) -> D
 
 async def test_the_run_snapshot_is_registered_before_it_is_taken() -> None:
     registry = InUseRegistry()
-    remote = FakeRemote(registry)
+    rows = "".join(f"{ds}\tfilesystem\t{n}\toff\t-\n"
+                   for n, ds in enumerate(("tank/a", "tank/a/child", "tank/b"), start=1))
+    remote = FakeRemote(registry, {"list": (0, rows, "")})
     await session(registry).source_run(SOURCE, remote_host(remote)).take_snapshots()
-    assert remote.calls == [("zfs", "snapshot", "-r", "tank/a@zbackupd_20260105T000000Z")]
-    assert remote.in_use_at_call == [set(RUN_SNAPSHOTS)]
+    # Listed first; then one atomic snapshot of exactly the selected create-mode datasets.
+    assert remote.calls[0][:2] == ("zfs", "list")
+    assert remote.calls[1:] == [("zfs", "snapshot", *RUN_SNAPSHOTS)]
+    assert remote.in_use_at_call[1:] == [set(RUN_SNAPSHOTS)]
 
 
 async def test_a_prune_spares_what_the_other_disk_may_need() -> None:
@@ -157,11 +161,14 @@ async def test_a_prune_spares_what_the_other_disk_may_need() -> None:
     remote = FakeRemote(registry, {"list": listed(state)})
     with structlog.testing.capture_logs() as logs:
         await replication(session(registry), remote, info()).prune_server(final)
+    # First this disk's stale holds (none here): every snapshot up to the sent one asked.
+    days = [f"tank/a@zbackupd_2026010{day}T000000Z" for day in range(1, 6)]
+    assert remote.calls[1] == ("zfs", "holds", "-H", "-p", *days)
     # Listed afresh at prune time; offsite-b's cursor is at day 2: days 2-4 may still be on
     # their way to it.
-    assert remote.calls[0][:2] == ("zfs", "list")
-    assert remote.calls[0][-1] == "tank/a"
-    assert remote.calls[1:] == [
+    assert remote.calls[2][:2] == ("zfs", "list")
+    assert remote.calls[2][-1] == "tank/a"
+    assert remote.calls[3:] == [
         ("zfs", "holds", "-H", "-p", "tank/a@zbackupd_20260101T000000Z"),
         ("zfs", "destroy", "tank/a@zbackupd_20260101T000000Z"),
     ]
@@ -191,7 +198,8 @@ async def test_reuse_mode_prunes_nothing_on_the_server() -> None:
     state, final = server_state("tank/b")
     remote = FakeRemote(registry, {"list": listed(state)})
     await replication(session(registry), remote, info(REUSE, "tank/b")).prune_server(final)
-    assert remote.calls == []
+    # Only this disk's stale holds are looked for (none here); nothing is destroyed.
+    assert [call[1] for call in remote.calls] == ["list", "holds"]
 
 
 async def test_the_sessions_registrations_end_with_it() -> None:

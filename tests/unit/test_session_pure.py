@@ -11,7 +11,12 @@ from zbackupd.core.model import Encryption, Snapshot
 from zbackupd.core.plan import FullSend, IncrementalSend, Resume
 from zbackupd.service.pool import Revival, revive_pool, revive_steps
 from zbackupd.service.replicate import held_snapshot_name, send_argv, snapshot_filter
-from zbackupd.service.source_run import run_snapshot_short_name, select_datasets, up_to
+from zbackupd.service.source_run import (
+    run_snapshot_short_name,
+    select_datasets,
+    snapshot_batches,
+    up_to,
+)
 from zbackupd.zfs.parse import DatasetRow, PoolHealth
 from zbackupd.zfs.runner import CommandResult, CommandTimeout
 
@@ -148,3 +153,13 @@ def test_run_snapshot_name_only_in_create_mode() -> None:
     assert run_snapshot_short_name(create, when) == "zbackupd_20261122T042539Z"
     reuse = create.model_copy(update={"snapshots": "reuse", "reuse_pattern": "autosnap_*"})
     assert run_snapshot_short_name(reuse, when) is None
+
+
+def test_the_run_snapshot_is_one_command_unless_it_would_not_fit() -> None:
+    few = [f"tank/a/d{n}@zbackupd_20260101T000000Z" for n in range(300)]
+    assert snapshot_batches(few) == (tuple(few),)
+    batches = snapshot_batches(few, limit=4000)
+    assert [name for batch in batches for name in batch] == few
+    assert all(len(" ".join(("zfs", "snapshot", *batch))) <= 4000 for batch in batches)
+    assert len(batches) == 3
+    assert snapshot_batches([]) == ()

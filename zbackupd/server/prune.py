@@ -23,7 +23,9 @@ An own snapshot of one dataset is destroyed only when ALL of these hold:
   waiting for ``zfs send -t``, whose target must exist; or a transfer whose cursor move
   failed). Such snapshots go once that disk has backed up again. The cursors are read
   from a listing taken at prune time: a disk whose concurrent run has just finished has
-  its cursor on its newest snapshot, which therefore stays.
+  its cursor on its newest snapshot, which therefore stays. A disk's cursor is the newest
+  of its cursor bookmarks (``names.is_cursor_of``: ``<prefix>_<label>`` or
+  ``<prefix>_<label>:<guid>``; a move creates the new one before destroying the old).
 
 Retention on the disks is ``retention.py``'s business: a different policy (a calendar
 grid) over different snapshots (the disk's).
@@ -160,15 +162,38 @@ def select_own_for_destroy(
     return ServerPruneDecision(dataset, tuple(destroy), tuple(keep))
 
 
-def other_cursor_short_names(config: Config, disk: Disk, source: Source) -> frozenset[str]:
-    """The cursor bookmark names (after ``#``) of the configured disks other than ``disk``
-    that back up ``source``: their cursors keep newer snapshots on the server."""
+def other_disk_labels(config: Config, disk: Disk, source: Source) -> frozenset[str]:
+    """The labels of the configured disks other than ``disk`` that back up ``source``:
+    their cursors keep newer snapshots on the server."""
     return frozenset(
-        names.cursor_bookmark_short_name(other.label)
+        other.label
         for other in config.disks
         if other.label != disk.label
         and source.name in {chosen.name for chosen in config.sources_for(other)}
     )
+
+
+def cursors_of(
+    bookmarks: Iterable[Bookmark], disk_label: str, prefix: str = names.DEFAULT_PREFIX
+) -> tuple[Bookmark, ...]:
+    """Disk ``disk_label``'s cursor bookmarks among ``bookmarks``, oldest first; the last
+    is its cursor (a crash between creating a new one and destroying the old leaves two)."""
+    return tuple(
+        sorted(
+            (b for b in bookmarks if names.is_cursor_of(b.short_name, disk_label, prefix)),
+            key=lambda mark: (mark.createtxg, mark.guid),
+        )
+    )
+
+
+def current_cursors(
+    bookmarks: Iterable[Bookmark], disk_labels: Iterable[str], prefix: str = names.DEFAULT_PREFIX
+) -> tuple[Bookmark, ...]:
+    """The cursor (the newest of its cursor bookmarks) of each of ``disk_labels`` that has
+    one among ``bookmarks``."""
+    marks = tuple(bookmarks)
+    found = (cursors_of(marks, label, prefix) for label in sorted(set(disk_labels)))
+    return tuple(mine[-1] for mine in found if mine)
 
 
 # -- snapshots the running sessions rely on (in memory, one per daemon) -------------------
@@ -297,9 +322,10 @@ async def prune_dataset(
     policy: OwnSnapshotPolicy,
     *,
     sent: Snapshot | None,
-    other_cursor_names: Collection[str] = frozenset(),
+    other_disks: Collection[str] = frozenset(),
     in_use: Callable[[], InUseView] = InUseView,
     own_hold_tag: str | None = None,
+    cursor_prefix: str = names.DEFAULT_PREFIX,
 ) -> ServerPruneDecision:
     """Destroy ``dataset``'s prunable own snapshots on the server; returns the decision.
 
@@ -308,8 +334,9 @@ async def prune_dataset(
     other disk's snapshot is then kept by that cursor). ``in_use`` is sampled BEFORE that
     listing and again right before the destroy, and both samples protect: a session
     releases its lease only after moving its cursor, so a lease gone at the first sample
-    means the cursor is already in the listing. ``other_cursor_names`` are the short names
-    (after ``#``) of the other configured disks' cursors.
+    means the cursor is already in the listing. ``other_disks`` are the labels of the other
+    configured disks: each one's cursor is the newest of its cursor bookmarks
+    (``names.is_cursor_of``, legacy or suffixed).
 
     A candidate held only under ``own_hold_tag`` (this disk's tag) is older than what the
     disk now holds, so the hold is stale: an interrupted transfer kept it for a resume
@@ -328,7 +355,7 @@ async def prune_dataset(
         nonlocal snapshots, cursors
         answer = await remote.run(zargv.list_snapshots_and_bookmarks([dataset]))
         snapshots, bookmarks = parse.parse_versions(answer.text)
-        cursors = tuple(b for b in bookmarks if b.short_name in other_cursor_names)
+        cursors = current_cursors(bookmarks, other_disks, cursor_prefix)
 
     def decide(held: Collection[str] = frozenset()) -> ServerPruneDecision:
         listed = [snap.name for snap in snapshots]
@@ -367,6 +394,35 @@ async def prune_dataset(
         doomed = _full_names(decision) if decision is not None else []
         raise ServerPruneFailed(dataset, doomed, error) from error
     return decision
+
+
+async def release_stale_holds(
+    remote: RemoteRunner, dataset: str, tag: str, *, sent: Snapshot
+) -> tuple[str, ...]:
+    """Release hold ``tag`` (this disk's) from every snapshot of ``dataset`` at or before
+    ``sent`` (matched by guid in a fresh ``-d 1`` listing), whatever the snapshot mode.
+
+    This disk holds a snapshot only while it travels to the disk (or waits for a resume);
+    once the disk holds ``sent`` and its cursor is there, a hold of this disk's on ``sent``
+    or anything older is stale (an interrupted transfer superseded, a release that
+    failed). Other tags, other disks' included, are never touched. Returns the released
+    snapshots; failures raise ``ServerPruneFailed``.
+    """
+    stale: list[str] = []
+    try:
+        answer = await remote.run(zargv.list_snapshots_and_bookmarks([dataset]))
+        listing, _ = parse.parse_versions(answer.text)
+        here = next((s for s in listing if s.guid == sent.guid), None)
+        if here is None:
+            return ()
+        older = [s.name for s in listing if s.createtxg <= here.createtxg]
+        held = parse.parse_holds((await remote.run(zargv.holds(older))).text)
+        stale = sorted({h.snapshot for h in held if h.tag == tag})
+        if stale:
+            await remote.run(zargv.release(tag, stale))
+    except ZbackupdError as error:
+        raise ServerPruneFailed(dataset, stale, error) from error
+    return tuple(stale)
 
 
 def _full_names(decision: ServerPruneDecision) -> list[str]:

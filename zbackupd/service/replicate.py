@@ -26,11 +26,18 @@ from zbackupd.server.prune import (
     InUseLease,
     OwnSnapshotPolicy,
     ServerPruneFailed,
-    other_cursor_short_names,
+    cursors_of,
+    other_disk_labels,
     prune_dataset,
+    release_stale_holds,
 )
 from zbackupd.server.remote import RemoteHost
-from zbackupd.server.transfer import TransferProgress, stream
+from zbackupd.server.transfer import (
+    ProgressCallback,
+    TransferProgress,
+    TransferResult,
+    stream,
+)
 from zbackupd.service.pool import WrongDiskKey
 from zbackupd.service.source_run import SourceDatasetInfo
 from zbackupd.service.store import DatasetResult
@@ -103,6 +110,38 @@ def held_snapshot_name(step: planner.TransferStep) -> str | None:
         return None  # the resume itself reports the bad token
 
 
+def step_target(
+    step: planner.TransferStep, server_snapshots: Sequence[Snapshot]
+) -> Snapshot | None:
+    """The server snapshot the disk holds once ``step`` has landed (where this disk's
+    cursor then points), None when the listing does not have it."""
+    if isinstance(step, planner.FullSend):
+        return step.snapshot
+    if isinstance(step, planner.IncrementalSend):
+        return step.to
+    try:
+        guid = zargv.decode_resume_token(step.token).toguid
+    except zargv.InvalidArgument:
+        return None
+    return next((snap for snap in server_snapshots if snap.guid == guid), None)
+
+
+class Streamer(Protocol):
+    """``transfer.stream``'s signature: remote send piped into local receive (a
+    constructor argument, so tests script transfers without SSH or ZFS)."""
+
+    async def __call__(
+        self,
+        remote: RemoteHost,
+        send_argv: Sequence[str],
+        runner: Runner,
+        receive_argv: Sequence[str],
+        *,
+        estimated_total: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TransferResult: ...
+
+
 class DatasetReplication:
     """One selected dataset of one source onto this run's disk."""
 
@@ -122,6 +161,7 @@ class DatasetReplication:
         log: FilteringBoundLogger,
         index: int,
         total: int,
+        streamer: Streamer = stream,
     ) -> None:
         self.config = config
         self.disk = disk
@@ -137,6 +177,12 @@ class DatasetReplication:
         self._dataset_log = log.bind(dataset=info.name, target=info.target)
         self._index = index
         self._total = total
+        self._stream = streamer
+        #: This disk's cursor bookmarks on the server, oldest first (the last is the cursor);
+        #: kept up to date as the cursor moves.
+        self._cursors: list[Bookmark] = []
+        #: The server's snapshots of this dataset in this run's listing.
+        self._server_snapshots: tuple[Snapshot, ...] = ()
 
     async def run(
         self, snapshots: Sequence[Snapshot], bookmarks: Sequence[Bookmark]
@@ -148,8 +194,8 @@ class DatasetReplication:
             tuple(s for s in snapshots if s.dataset == info.name),
             tuple(b for b in bookmarks if b.dataset == info.name),
         )
-        cursor_name = names.cursor_bookmark_name(info.name, self.disk.label)
-        cursor = next((b for b in server.bookmarks if b.name == cursor_name), None)
+        self._server_snapshots = server.snapshots
+        self._cursors = list(cursors_of(server.bookmarks, self.disk.label))
         sent = 0
         outcome = "up to date"
         problem: str | None = None
@@ -161,7 +207,7 @@ class DatasetReplication:
                     server=server,
                     disk=disk,
                     encryption=info.encryption,
-                    cursor=cursor,
+                    cursor=self.cursor,
                     snapshot_filter=snapshot_filter(info.config),
                     disk_encryption=received_as,
                 )
@@ -171,17 +217,23 @@ class DatasetReplication:
                 if dataset_plan.is_up_to_date:
                     final = dataset_plan.common_base
                     break
-                for step in dataset_plan.transfers:
-                    sent += await self._transfer(step)
+                try:
+                    for step in dataset_plan.transfers:
+                        sent += await self._transfer(step)
+                except (parse.PoolSuspended, WrongDiskKey):
+                    raise
+                except ZbackupdError:
+                    await self._cursor_to_disk()
+                    raise
                 outcome = "sent"
                 final = dataset_plan.final_snapshot
                 if not dataset_plan.replan_after:
                     break
             if final is not None:
-                await self._move_cursor(final, cursor)
+                await self._move_cursor(final)
                 await self.prune_server(final)
             self._report(Phase.PRUNING, info.target)
-            await self._prune_disk(final, cursor)
+            await self._prune_disk(final, self.cursor)
         except planner.PlanConflictError as error:
             outcome = f"conflict: {error}"
             problem = f"{info.name}: {error}"
@@ -248,11 +300,11 @@ class DatasetReplication:
         self._report(Phase.TRANSFERRING, progress=Progress(info.name, 0, estimate, 0.0,
                                                            self._index, self._total))
         try:
-            result = await stream(
+            result = await self._stream(
                 self._remote,
                 send_argv(step, info.encryption),
                 self._runner,
-                zargv.receive(info.target),
+                zargv.receive(info.target, volume=info.volume),
                 estimated_total=estimate,
                 on_progress=on_progress,
             )
@@ -263,7 +315,12 @@ class DatasetReplication:
                 self._log.info(f"transfer interrupted: hold on {held} kept for the resume",
                                dataset=info.name, snapshot=held, tag=tag)
             raise
+        target = step_target(step, self._server_snapshots)
+        if target is not None:
+            # The disk holds the step's snapshot: the cursor follows each completed step.
+            await self._move_cursor(target)
         if held is not None:
+            # Only now, with the cursor past it, may the snapshot go.
             await self._remote.run(zargv.release(tag, [held]), check=False)
         self._log.info(
             f"transfer finished: {info.name}, {human_bytes(result.bytes_transferred)} "
@@ -279,30 +336,91 @@ class DatasetReplication:
         if result.returncode != 0 and "tag already exists" not in result.stderr:
             raise parse.classify_error(result.argv, result.returncode, result.stderr)
 
-    async def _move_cursor(self, final: Snapshot, cursor: Bookmark | None) -> None:
-        """Point this disk's bookmark at what the disk now holds (a space-free base)."""
-        if cursor is not None and cursor.guid == final.guid:
-            return
-        server_snapshot = f"{self.info.name}@{final.short_name}"
-        cursor_name = names.cursor_bookmark_name(self.info.name, self.disk.label)
-        if cursor is not None:
-            await self._remote.run(zargv.destroy_bookmark(cursor_name))
-        await self._remote.run(zargv.bookmark(server_snapshot, cursor_name))
+    @property
+    def cursor(self) -> Bookmark | None:
+        """This disk's cursor on the server: the newest of its cursor bookmarks."""
+        return self._cursors[-1] if self._cursors else None
+
+    async def _cursor_to_disk(self) -> None:
+        """After a failed step: point the cursor at the newest snapshot the disk shares with
+        the server, if that is newer than the cursor (an ``-I`` stream cut midway leaves
+        the snapshots before the cut). A failure here only warns: the step's is the error."""
+        try:
+            disk, _ = await self._disk_state()
+            if disk is None:
+                return
+            base = planner.newest_common_snapshot(self._server_snapshots, (), disk.snapshots)
+            on_server = next(
+                (s for s in self._server_snapshots if base is not None and s.guid == base.guid),
+                None,
+            )
+            cursor = self.cursor
+            if on_server is not None and (cursor is None or on_server.createtxg > cursor.createtxg):
+                await self._move_cursor(on_server)
+        except (parse.PoolSuspended, WrongDiskKey):
+            raise
+        except ZbackupdError as error:
+            self._dataset_log.warning(f"cursor not moved after the failed transfer: {error}",
+                                      error=str(error), error_type=type(error).__name__)
+
+    async def _move_cursor(self, to: Snapshot) -> None:
+        """Point this disk's cursor at ``to`` (what the disk now holds: a space-free base).
+
+        The new bookmark is made first, under its own name (``<prefix>_<label>:<guid>``),
+        and only then are this disk's other cursor bookmarks destroyed: a crash in between
+        leaves two cursors (the newest counts), never none. A failed clean-up only warns.
+        """
+        info = self.info
+        current = self.cursor
+        if current is None or current.guid != to.guid:
+            on_server = next((s for s in self._server_snapshots if s.guid == to.guid), None)
+            if on_server is None:
+                self._dataset_log.warning(
+                    f"cursor not moved: {to.short_name} (guid {to.guid}) is no longer a "
+                    f"snapshot of {info.name} on the server", snapshot=to.name, guid=to.guid)
+                return
+            name = names.cursor_bookmark_name(info.name, self.disk.label, guid=on_server.guid)
+            if all(mark.name != name for mark in self._cursors):
+                await self._remote.run(zargv.bookmark(on_server.name, name))
+            current = Bookmark(name, on_server.guid, on_server.createtxg, on_server.creation)
+            self._cursors = [m for m in self._cursors if m.name != name] + [current]
+        for old in [m for m in self._cursors if m.name != current.name]:
+            try:
+                await self._remote.run(zargv.destroy_bookmark(old.name))
+            except ZbackupdError as error:
+                self._dataset_log.warning(
+                    f"old cursor {old.name} not destroyed (the newest counts; the next move "
+                    f"tries again): {error}", bookmark=old.name, error=str(error))
+                continue
+            self._cursors.remove(old)
 
     async def prune_server(self, final: Snapshot) -> None:
-        """With the cursor at ``final``: destroy older own snapshots of the dataset on the
-        server (``server/prune.py`` says which). A failure only warns: the next run retries."""
+        """With the cursor at ``final``: release this disk's stale holds (every mode), then
+        destroy older own snapshots of the dataset on the server (``create`` mode;
+        ``server/prune.py`` says which). A failure only warns: the next run retries."""
         info = self.info
+        tag = names.hold_tag(self.disk.label)
+        try:
+            released = await release_stale_holds(self._remote, info.name, tag, sent=final)
+        except ServerPruneFailed as error:
+            self._log.warning(f"releasing stale holds on {info.name} failed (the next run "
+                              f"tries again): {error.cause}", dataset=info.name,
+                              snapshots=list(error.snapshots), error=str(error.cause),
+                              error_type=type(error.cause).__name__, transient=error.transient)
+        else:
+            if released:
+                self._log.info(f"released {len(released)} stale hold(s) {tag} on {info.name}",
+                               dataset=info.name, snapshots=list(released), tag=tag)
         if info.config.snapshots != "create":
             return
-        others = other_cursor_short_names(self.config, self.disk, self.source)
+        others = other_disk_labels(self.config, self.disk, self.source)
         try:
             decision = await prune_dataset(
                 self._remote,
                 info.name,
                 OwnSnapshotPolicy(info.config.snapshot_prefix, self.source.keep_own_snapshots),
                 sent=final,
-                other_cursor_names=others,
+                other_disks=others,
                 in_use=self._in_use.others_now,
                 own_hold_tag=names.hold_tag(self.disk.label),
             )

@@ -7,6 +7,7 @@ server and the disk.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,7 @@ class SourceDatasetInfo:
     encryption: Encryption
     target: str
     config: SourceDataset
+    volume: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,11 @@ def select_datasets(
                 chosen.setdefault(
                     row.name,
                     SourceDatasetInfo(
-                        row.name, row.encryption, target_dataset(disk, source, row.name), config
+                        row.name,
+                        row.encryption,
+                        target_dataset(disk, source, row.name),
+                        config,
+                        volume=row.volume,
                     ),
                 )
     return tuple(sorted(chosen.values(), key=lambda info: info.name))
@@ -81,12 +87,37 @@ def run_snapshot_short_name(config: SourceDataset, taken_at: datetime) -> str | 
     return names.run_snapshot_short_name(taken_at, config.snapshot_prefix)
 
 
+#: The longest ``zfs snapshot`` command line sent in one piece: half of OpenSSH's 256 KiB
+#: packet limit for the exec request, far below Linux's ARG_MAX (2 MiB) on the server.
+SNAPSHOT_COMMAND_BYTES = 128 * 1024
+
+
+def snapshot_batches(
+    snapshot_names: Sequence[str], limit: int = SNAPSHOT_COMMAND_BYTES
+) -> tuple[tuple[str, ...], ...]:
+    """``snapshot_names`` in as few ``zfs snapshot`` commands as fit ``limit`` bytes each:
+    one (atomic: one point in time) unless thousands of datasets are selected."""
+    batches: list[tuple[str, ...]] = []
+    batch: list[str] = []
+    size = len("zfs snapshot")
+    for name in snapshot_names:
+        cost = len(shlex.quote(name)) + 1
+        if batch and size + cost > limit:
+            batches.append(tuple(batch))
+            batch, size = [], len("zfs snapshot")
+        batch.append(name)
+        size += cost
+    if batch:
+        batches.append(tuple(batch))
+    return tuple(batches)
+
+
 def up_to(
     snapshots: Sequence[Snapshot], dataset: str, last_short_name: str | None
 ) -> tuple[Snapshot, ...]:
     """``dataset``'s part of a listing; with this run's own snapshot named, nothing newer.
 
-    A run sends its own recursive snapshot, one point in time for every dataset, even
+    A run sends its own snapshot, one point in time for every dataset, even
     when a concurrent run (another disk) snapshotted again while this one was listing.
     """
     mine = [s for s in snapshots if s.dataset == dataset]
@@ -115,42 +146,62 @@ class SourceRun:
         self._in_use = in_use
         self._now = now
         self._log = log
+        #: The selection of this run's dataset listing (taken once, before the snapshot).
+        self._selected: tuple[SourceDatasetInfo, ...] | None = None
+
+    @property
+    def _roots(self) -> list[str]:
+        return [dataset.root for dataset in self.source.datasets]
+
+    async def select(self) -> tuple[SourceDatasetInfo, ...]:
+        """The datasets under the roots that the configuration selects (listed once)."""
+        if self._selected is None:
+            answer = await self._remote.run(zargv.list_datasets(self._roots))
+            self._selected = select_datasets(self.disk, self.source,
+                                             parse.parse_datasets(answer.text))
+        return self._selected
 
     async def take_snapshots(self) -> datetime:
-        """One atomic ``zfs snapshot`` per kind (recursive or not) over the ``create`` roots.
+        """One atomic, non-recursive ``zfs snapshot a@n b@n ...`` of exactly the selected
+        datasets in ``create`` mode: an excluded descendant gets no run snapshot (nothing
+        would ever prune it). Lists the datasets first (``select``).
 
         Returns the time the names carry. A concurrent session (two disks plugged at once)
         may have taken the same names in the same second: then that snapshot is this run's.
         """
+        selected = await self.select()
         when = self._now()
-        for recursive in (True, False):
-            wanted = [
-                names.run_snapshot_name(d.root, when, d.snapshot_prefix)
-                for d in self.source.datasets
-                if d.snapshots == "create" and d.recursive is recursive
-            ]
-            if not wanted:
-                continue
-            self._in_use.protect(wanted, recursive=recursive)  # before it exists: no gap
+        wanted = [
+            names.run_snapshot_name(info.name, when, info.config.snapshot_prefix)
+            for info in selected
+            if info.config.snapshots == "create"
+        ]
+        if not wanted:
+            return when
+        self._in_use.protect(wanted)  # before it exists: no gap
+        batches = snapshot_batches(wanted)
+        if len(batches) > 1:
+            self._log.warning(f"{len(wanted)} datasets: the run snapshot is taken in "
+                              f"{len(batches)} commands, each atomic", datasets=len(wanted))
+        for batch in batches:
             try:
-                await self._remote.run(zargv.snapshot(wanted, recursive=recursive))
+                await self._remote.run(zargv.snapshot(batch))
             except parse.DatasetExists:
-                self._log.info(f"server snapshot already taken: {' '.join(wanted)}",
-                               snapshots=wanted)
+                self._log.info(f"server snapshot already taken: {' '.join(batch)}",
+                               snapshots=list(batch))
             else:
-                self._log.info(f"server snapshot taken: {' '.join(wanted)}", snapshots=wanted)
+                self._log.info(f"server snapshot taken: {' '.join(batch)}",
+                               snapshots=list(batch))
         return when
 
     async def list(self) -> SourceListing:
-        """The datasets under the roots that the configuration selects, with every
-        snapshot and bookmark there (two listings of the server)."""
-        roots = [dataset.root for dataset in self.source.datasets]
-        rows = parse.parse_datasets((await self._remote.run(zargv.list_datasets(roots))).text)
+        """The selected datasets (``select``) with every snapshot and bookmark under the
+        roots, listed after this run's snapshot was taken."""
+        selected = await self.select()
+        roots = self._roots
         listing = await self._remote.run(zargv.list_snapshots_and_bookmarks(roots, recursive=True))
         snapshots, bookmarks = parse.parse_versions(listing.text)
-        return SourceListing(
-            select_datasets(self.disk, self.source, rows), tuple(snapshots), tuple(bookmarks)
-        )
+        return SourceListing(selected, tuple(snapshots), tuple(bookmarks))
 
     async def ensure_parents(self, selected: Sequence[SourceDatasetInfo]) -> None:
         """Receiving needs the target's parent: create missing ancestors, parents first.

@@ -32,7 +32,7 @@ ZPOOL = "zpool"
 #: Columns of every snapshot/bookmark listing; ``parse.parse_snapshots`` reads them.
 VERSION_LIST_FIELDS = "name,guid,createtxg,creation"
 #: Columns of the dataset listing; ``parse.parse_datasets`` reads them.
-DATASET_LIST_FIELDS = "name,guid,encryption,encryptionroot"
+DATASET_LIST_FIELDS = "name,type,guid,encryption,encryptionroot"
 #: Columns of ``zfs get``/``zpool get``; ``parse.parse_properties`` reads them.
 PROPERTY_FIELDS = "name,property,value"
 #: Columns of ``zpool list``; ``parse.parse_pool_list`` reads them.
@@ -588,8 +588,8 @@ def list_snapshots_and_bookmarks(datasets: Iterable[str], *, recursive: bool = F
 
 
 def list_datasets(roots: Iterable[str]) -> Argv:
-    """Every filesystem/volume under ``roots`` with its encryption (which picks the send
-    mode per dataset)."""
+    """Every filesystem/volume under ``roots`` with its type (a volume is received
+    differently) and its encryption (which picks the send mode per dataset)."""
     return _render("list_datasets", _one_or_more("roots", roots))
 
 
@@ -638,7 +638,7 @@ def destroy_snapshots(dataset: str, short_names: Iterable[str]) -> Argv:
 
 
 def destroy_bookmark(bookmark_name: str) -> Argv:
-    """``zfs destroy ds#mark`` (moving a cursor = destroy the old, create the new)."""
+    """``zfs destroy ds#mark`` (moving a cursor: create the new name, then destroy the old)."""
     return _render("destroy_bookmark", bookmark_name)
 
 
@@ -772,18 +772,23 @@ def receive(
     *,
     mountpoint: MountpointPolicy = MountpointPolicy.NONE,
     force_rollback: bool = False,
+    volume: bool = False,
 ) -> Argv:
     """``zfs receive -s -u -o readonly=on -o canmount=noauto ... <target>``.
 
     ``-s`` keeps a resume token when the stream is cut; ``-u`` mounts nothing.
     ``-F`` (rolls back, may destroy snapshots) only when ``force_rollback`` is given
-    explicitly, by policy.
+    explicitly, by policy. A ``volume`` has no mountpoint or canmount (zfs refuses them
+    there): it gets ``volmode=none`` instead, so no ``/dev/zd*`` node exposes it on this
+    machine while the key is loaded.
     """
     names.validate_dataset_name(target)
-    if mountpoint is MountpointPolicy.NONE:
-        mount_args: Argv = ("-o", "mountpoint=none")
+    if volume:
+        mount_args: Argv = ("-o", "volmode=none")
+    elif mountpoint is MountpointPolicy.NONE:
+        mount_args = ("-o", "canmount=noauto", "-o", "mountpoint=none")
     else:
-        mount_args = ("-x", "mountpoint")
+        mount_args = ("-o", "canmount=noauto", "-x", "mountpoint")
     force = ("-F",) if force_rollback else ()
     return (
         ZFS,
@@ -793,8 +798,6 @@ def receive(
         *force,
         "-o",
         "readonly=on",
-        "-o",
-        "canmount=noauto",
         *mount_args,
         target,
     )

@@ -200,15 +200,51 @@ def run_snapshot_time(short_name: str, prefix: str = DEFAULT_PREFIX) -> datetime
         return None
 
 
-def cursor_bookmark_short_name(disk_label: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """The per-disk cursor bookmark's short name: ``<prefix>_<disklabel>``."""
-    return f"{validate_prefix(prefix)}_{validate_disk_label(disk_label)}"
+#: Between a cursor's label and its suffix: a character the label grammar excludes, so
+#: ``<prefix>_<label>:<guid>`` parses one way only (with ``_``, disk ``a``'s cursor
+#: ``zbackupd_a_5`` would be disk ``a_5``'s legacy cursor, and moving one would destroy
+#: the other's).
+CURSOR_SUFFIX_SEPARATOR = ":"
+_CURSOR_RE = r"(?P<label>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})(?::(?P<guid>[0-9]{1,20}))?"
 
 
-def cursor_bookmark_name(dataset: str, disk_label: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """The per-disk cursor bookmark ``dataset#<prefix>_<disklabel>`` on the server."""
-    short = cursor_bookmark_short_name(disk_label, prefix)
+def cursor_bookmark_short_name(
+    disk_label: str, prefix: str = DEFAULT_PREFIX, *, guid: int | None = None
+) -> str:
+    """A cursor bookmark's short name: ``<prefix>_<disklabel>:<guid>`` (the guid of the
+    snapshot it marks, so two cursors of one disk never share a name), or without
+    ``guid`` the legacy ``<prefix>_<disklabel>``."""
+    head = f"{validate_prefix(prefix)}_{validate_disk_label(disk_label)}"
+    if guid is None:
+        return head
+    if isinstance(guid, bool) or not isinstance(guid, int) or not 0 <= guid < 2**64:
+        raise InvalidName("bookmark", f"{head}{CURSOR_SUFFIX_SEPARATOR}{guid}",
+                          "the guid suffix must be an integer in 0..2**64-1")
+    return f"{head}{CURSOR_SUFFIX_SEPARATOR}{guid}"
+
+
+def cursor_bookmark_name(
+    dataset: str, disk_label: str, prefix: str = DEFAULT_PREFIX, *, guid: int | None = None
+) -> str:
+    """A per-disk cursor bookmark ``dataset#<prefix>_<disklabel>[:<guid>]`` on the server."""
+    short = cursor_bookmark_short_name(disk_label, prefix, guid=guid)
     return validate_bookmark_name(f"{dataset}#{short}")
+
+
+def cursor_label(name: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """The disk label whose cursor the bookmark ``name`` (full or short) is, else None.
+
+    A disk's cursors are ``<prefix>_<label>`` (legacy) and ``<prefix>_<label>:<digits>``;
+    the disk's cursor is the newest (createtxg) of them.
+    """
+    match = re.fullmatch(f"{re.escape(prefix)}_{_CURSOR_RE}", _short_part(name, "#"))
+    return match.group("label") if match else None
+
+
+def is_cursor_of(name: str, disk_label: str, prefix: str = DEFAULT_PREFIX) -> bool:
+    """True when the bookmark ``name`` (full or short) is one of disk ``disk_label``'s
+    cursors."""
+    return cursor_label(name, prefix) == disk_label
 
 
 def hold_tag(disk_label: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -226,10 +262,9 @@ def is_own_snapshot(name: str, prefix: str = DEFAULT_PREFIX) -> bool:
 
 
 def is_own_bookmark(name: str, prefix: str = DEFAULT_PREFIX) -> bool:
-    """True for zbackupd's cursor bookmarks (full ``ds#mark`` or just the short name)."""
-    short = _short_part(name, "#")
-    head = f"{prefix}_"
-    return short.startswith(head) and bool(_LABEL_RE.fullmatch(short[len(head) :]))
+    """True for zbackupd's cursor bookmarks (full ``ds#mark`` or just the short name):
+    ``<prefix>_<label>`` or ``<prefix>_<label>:<digits>``."""
+    return cursor_label(name, prefix) is not None
 
 
 def is_own_hold_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> bool:

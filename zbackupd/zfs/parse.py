@@ -130,18 +130,21 @@ class DatasetRow:
     guid: int
     encryption: Encryption
     encryption_root: str | None
+    volume: bool = False
 
 
 def parse_datasets(text: str) -> tuple[DatasetRow, ...]:
-    """``zfs list -H -p -o name,guid,encryption,encryptionroot``."""
+    """``zfs list -H -p -o name,type,guid,encryption,encryptionroot``."""
     rows = []
-    for fields in _rows(text, "dataset listing", 4):
+    for fields in _rows(text, "dataset listing", 5):
         line = "\t".join(fields)
-        name, guid, encryption, root = fields
+        name, kind, guid, encryption, root = fields
         try:
             names.validate_dataset_name(name)
         except InvalidName as error:
             raise ParseError("dataset listing", line, error.reason) from None
+        if kind not in ("filesystem", "volume"):
+            raise ParseError("dataset listing", line, f"type {kind!r} is not filesystem/volume")
         mode = Encryption.PLAIN if encryption == "off" else Encryption.ENCRYPTED
         rows.append(
             DatasetRow(
@@ -149,6 +152,7 @@ def parse_datasets(text: str) -> tuple[DatasetRow, ...]:
                 _integer("dataset listing", line, guid),
                 mode,
                 None if root in ("-", "") else root,
+                volume=kind == "volume",
             )
         )
     return tuple(rows)
