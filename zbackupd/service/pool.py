@@ -9,7 +9,6 @@ mid-write) is revived in place: the mapping is pointed at the new device node, t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -139,6 +138,10 @@ class DiskPool:
         self._device_mapper = device_mapper
         self._mapped = False
         self.imported = False
+        #: Whether this session had the pool imported at some point (and exported it).
+        self.was_imported = False
+        #: The name the pool is imported under: what every command after the import uses.
+        self.name = disk.pool_name
 
     def replugged(self, *, import_device: str, power_device: str) -> None:
         """The disk came back under new device nodes: power off (and re-import) those."""
@@ -178,7 +181,8 @@ class DiskPool:
             raise PoolIdentityMismatch(
                 f"pool GUID {self.disk.pool_guid} is not imported after `zpool import`"
             )
-        self.imported = True
+        self.imported = self.was_imported = True
+        self.name = row.name  # what every later command names, whatever follows
         if row.name != self.disk.pool_name:
             raise PoolIdentityMismatch(
                 f"pool with GUID {self.disk.pool_guid} is named {row.name!r}, "
@@ -229,7 +233,7 @@ class DiskPool:
     async def unlock(self, pool_key: Callable[[], bytearray]) -> None:
         """Load the pool's key from memory (``pool_key`` makes a copy that is wiped)."""
         self._enter(Phase.UNLOCKING)
-        pool = self.disk.pool_name
+        pool = self.name
         status = await self._zfs.get_properties([pool], ["keystatus"])
         if status.get(pool, {}).get("keystatus") == "available":
             return
@@ -245,14 +249,14 @@ class DiskPool:
             wipe(key)
 
     async def close(self) -> None:
-        """Unload the key and export; a suspended pool (disk pulled) is left imported."""
-        pool = self.disk.pool_name
+        """Unload the key (if it is loaded) and export; a suspended pool (disk pulled) is
+        left imported. Only the export can fail this: it also drops a loaded key."""
+        pool = self.name
         row = await self._find_imported()
         if row is not None and row.health is parse.PoolHealth.SUSPENDED:
             raise parse.PoolSuspended(("zpool", "list", pool), 1, "pool I/O is suspended")
         self._enter(Phase.EXPORTING)
-        with contextlib.suppress(parse.KeyNotLoaded):  # already locked: nothing to unload
-            await self._zfs.unload_key(pool)
+        await self._unload_key(pool)
         for delay in (*EXPORT_BACKOFF, None):
             try:
                 await self._zfs.export_pool(pool)
@@ -264,6 +268,24 @@ class DiskPool:
             else:
                 self.imported = False
                 return
+
+    async def _unload_key(self, pool: str) -> None:
+        """``zfs unload-key`` when ``keystatus`` says the key is loaded. Its error text is
+        not relied on (a key that never loaded, as after a wrong key, answers "Key already
+        unloaded", which is no typed error); a failure only warns: the export that follows
+        takes the key out of the kernel with the pool."""
+        try:
+            status = await self._zfs.get_properties([pool], ["keystatus"])
+        except ZbackupdError as error:
+            self._log.warning("key status unknown before export", pool=pool, error=str(error))
+            return
+        if status.get(pool, {}).get("keystatus") != "available":
+            return
+        try:
+            await self._zfs.unload_key(pool)
+        except ZbackupdError as error:
+            self._log.warning("key not unloaded before export (the export drops it)",
+                              pool=pool, error=str(error))
 
     async def power_off(self) -> None:
         self._enter(Phase.POWERING_OFF)

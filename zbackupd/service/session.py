@@ -130,38 +130,30 @@ class Session:
         ok = False
         pool = self.pool
         try:
-            await pool.open()
-            try:
-                await pool.unlock(self._pool_key)
-                for source in self.config.sources_for(self.disk):
-                    await self._back_up_source(source)
-            finally:
-                if pool.imported:
-                    await pool.close()
-            await pool.unmap()  # before the power-off, which proves nothing holds the disk
-            await pool.power_off()
+            await self._use_disk()
             ok = not self._tally.problems
             outcome = "ok" if ok else "finished with problems: " + "; ".join(self._tally.problems)
             self._enter(Phase.DONE, outcome)
         except asyncio.CancelledError:
-            self._enter(Phase.FAILED, "stopped: transfer aborted, pool exported")
+            left = "pool still imported" if pool.imported else "pool exported"
+            self._enter(Phase.FAILED, f"stopped: transfer aborted, {left}")
             raise
         except parse.PoolSuspended as error:
             outcome = f"disk pulled mid-write: re-plug disk {self.disk.label} to finish"
             self._log.error("pool suspended", error=str(error))
             self._enter(Phase.SUSPENDED, outcome)
         except (PoolIdentityMismatch, WrongDiskKey) as error:
-            outcome = f"refused: {error}"
+            outcome = f"refused: {error}{self._what_was_left()}"
             self._log.error("disk refused", error=str(error))
             self._enter(Phase.REFUSED, outcome)
         except ZbackupdError as error:
-            outcome = f"failed: {error}"
+            outcome = f"failed: {error}{self._what_was_left()}"
             self._log.error("session failed", error=str(error), error_type=type(error).__name__,
                             transient=error.transient)
             self._enter(Phase.FAILED, outcome)
         finally:
             self._in_use.release()
-            await pool.unmap()  # a failed import; never while the pool is imported
+            await pool.unmap()  # a failed import or a refusal; never while the pool is imported
         finished = time.time()
         self._status = replace(
             self._status,
@@ -179,6 +171,56 @@ class Session:
             datasets=tuple(self._tally.results),
             bytes_sent=self._tally.bytes_sent,
         )
+
+    async def _use_disk(self) -> None:
+        """Open the pool, back up every source, close the pool, unmap, power off.
+
+        Whatever goes wrong once zbackupd has imported the pool, the pool is exported
+        before the session ends (a suspended one excepted: see ``DiskPool.close``): a
+        refused disk (wrong key, other pool) too. A refused disk is left powered on: it
+        is ours, the admin may want to look at it, and exported it is safe to unplug.
+        """
+        pool = self.pool
+        failure: ZbackupdError | None = None
+        try:
+            await pool.open()
+            await pool.unlock(self._pool_key)
+            for source in self.config.sources_for(self.disk):
+                await self._back_up_source(source)
+        except ZbackupdError as error:
+            failure = error
+        finally:  # also when cancelled (SIGTERM): the transfer is aborted, the pool exported
+            close_error = await self._close(failure)
+        if failure is not None:
+            raise failure
+        if close_error is not None:
+            raise close_error
+        await pool.unmap()  # before the power-off, which proves nothing holds the disk
+        await pool.power_off()
+
+    async def _close(self, failure: ZbackupdError | None) -> ZbackupdError | None:
+        """Export the pool if zbackupd has it imported; returns what failed instead of
+        raising, so that an earlier ``failure`` (the reason for the session's end) is
+        not replaced by the export's trouble."""
+        if not self.pool.imported:
+            return None
+        try:
+            await self.pool.close()
+        except ZbackupdError as error:
+            if failure is None:
+                return error
+            if not isinstance(error, parse.PoolSuspended):
+                self._log.error("export failed after an earlier failure", error=str(error),
+                                error_type=type(error).__name__, earlier=str(failure))
+        return None
+
+    def _what_was_left(self) -> str:
+        """For the status line after a refusal or failure: the pool's and disk's state."""
+        if self.pool.imported:
+            return f"; pool {self.pool.name} is still imported: export it by hand"
+        if self.pool.was_imported:
+            return "; pool exported, disk left powered on (safe to unplug)"
+        return ""
 
     # -- one source --------------------------------------------------------------------------
 
