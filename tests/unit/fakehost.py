@@ -116,7 +116,7 @@ class FakeHost:
         if len(argv) == 4:  # zpool import -d <device>: the listing
             if not offered:
                 return 1, "", "no pools available to import\n"
-            return 0, "".join(_import_block(p) for p in offered), ""
+            return 0, "".join(import_block(p) for p in offered), ""
         temporary = "-t" in argv
         guid, *rename = argv[argv.index("cachefile=none") + 1:]
         if guid == "-t":
@@ -192,7 +192,7 @@ class FakeHost:
         return 0, "", ""
 
 
-def _import_block(pool: FakePool) -> str:
+def import_block(pool: FakePool) -> str:
     """One pool in the ``zpool import -d`` listing (as in zpool-import-list.stdout)."""
     return (f"  pool: {pool.name}\n    id: {pool.guid}\n state: ONLINE\n"
             "action: The pool can be imported using its name or numeric identifier.\n"

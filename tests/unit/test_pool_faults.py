@@ -7,18 +7,24 @@ with OpenZFS 2.3.2's messages; what ZFS really does is the VM suite's business
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import cast
 
-from fakehost import FakeHost, FakeMapper, FakePool, FakePower
+from fakehost import FakeHost, FakeMapper, FakePool, FakePower, import_block
+from hypothesis import given
+from hypothesis import strategies as st
 from test_session_prune import CONFIG
 
 from zbackupd.config import Config
 from zbackupd.core.status import Phase
 from zbackupd.disk.devmap import DeviceMapper
 from zbackupd.server.prune import InUseRegistry
-from zbackupd.service.pool import PowerSwitch
+from zbackupd.service.pool import PowerSwitch, temporary_pool_name
 from zbackupd.service.session import Session
 from zbackupd.service.source_run import Connector
+from zbackupd.zfs import argv as zargv
+from zbackupd.zfs import names, parse
 from zbackupd.zfs.facade import Zfs
 
 KEY = bytes(range(32))
@@ -28,6 +34,7 @@ DISK_B = CONFIG.disks[1]  # offsite-b, pool "zbackup" too
 #: No sources: the session opens the pool, unlocks it and closes it (the pool's life alone).
 POOL_ONLY = cast(Config, CONFIG.model_copy(update={"sources": ()}))
 BY_ID = "/dev/disk/by-id/usb-x-part1"
+CAPTURES = Path(__file__).resolve().parents[1] / "data/zfs-output"
 
 
 async def _no_connect(_: object) -> object:
@@ -105,3 +112,56 @@ async def test_a_pool_named_otherwise_on_disk_is_refused_and_not_left_imported()
     assert host.imported() == {}
     assert host.pool(DISK_A.pool_guid).name == "intruder"
     assert mapper.mappings == {}
+
+
+async def test_the_on_disk_name_is_checked_before_anything_is_imported() -> None:
+    host = FakeHost([FakePool(DISK_A.pool_guid, "intruder", KEY)])
+    await make_session(host).run()
+    imports = [argv for argv in host.calls if argv[:2] == ("zpool", "import")]
+    assert imports == [("zpool", "import", "-d", "/dev/mapper/zbackupd-offsite-a")]
+
+
+# -- 6: disks whose pools share a name ----------------------------------------------------
+
+
+def test_the_import_names_the_pool_temporarily() -> None:
+    argv = zargv.zpool_import("/dev/mapper/zbackupd-a", 7, temp_name="zbackupd-a")
+    assert argv == ("zpool", "import", "-d", "/dev/mapper/zbackupd-a", "-N", "-o",
+                    "cachefile=none", "-t", "7", "zbackupd-a")
+    assert "-t" not in zargv.zpool_import("/dev/mapper/zbackupd-a", 7)
+    assert zargv.zpool_import_listing("/dev/mapper/zbackupd-a") == (
+        "zpool", "import", "-d", "/dev/mapper/zbackupd-a")
+
+
+@given(st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True))
+def test_every_config_label_gives_a_valid_temporary_pool_name(label: str) -> None:
+    name = temporary_pool_name(label)
+    assert names.validate_pool_name(name) == name
+    assert name.endswith(label)
+
+
+def test_the_import_listing_gives_names_and_guids() -> None:
+    captured = (CAPTURES / "zpool-import-list.stdout").read_text()
+    assert parse.parse_import_listing(captured) == (
+        parse.ImportablePool("xpool", 8943481835789602437, "ONLINE"),)
+    two = import_block(FakePool(5, "backup", KEY)) + import_block(FakePool(6, "other", KEY))
+    assert parse.parse_import_listing(two) == (
+        parse.ImportablePool("backup", 5, "ONLINE"), parse.ImportablePool("other", 6, "ONLINE"))
+    assert parse.parse_import_listing("") == ()
+
+
+async def test_two_disks_whose_pools_share_a_name_are_backed_up_at_once() -> None:
+    host = FakeHost([FakePool(DISK_A.pool_guid, "zbackup", KEY),
+                     FakePool(DISK_B.pool_guid, "zbackup", KEY)], meet_at_load_key=2)
+    first, second = make_session(host), make_session(host, disk="offsite-b")
+    await asyncio.gather(first.run(), second.run())
+    assert [first.status.phase, second.status.phase] == [Phase.DONE, Phase.DONE], (
+        first.status, second.status)
+    assert host.imported() == {}
+    # The temporary names never reached the disks.
+    assert [p.name for p in host.pools] == ["zbackup", "zbackup"]
+    after_import = {argv[-1] for argv in host.calls
+                    if argv[:2] in {("zfs", "load-key"), ("zpool", "export"), ("zfs", "get")}}
+    assert after_import == {"zbackupd-offsite-a", "zbackupd-offsite-b"}
+    # They really overlapped: both pools were imported when the keys were loaded.
+    assert host.commands().count("zfs load-key") == 2

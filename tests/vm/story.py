@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.vm.controller import UsbDisk, Vm
 from tests.vm.topology import GUEST_VENV, SERVER_DIR, BackupServer
+from zbackupd.service.pool import temporary_pool_name
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 PASSPHRASE = b"correct horse battery staple\n"
@@ -40,6 +41,12 @@ class BackupDisk:
     @property
     def partition(self) -> str:
         return f"{self.usb.by_id}-part1"
+
+    @property
+    def imported_as(self) -> str:
+        """The pool's name while the daemon has it imported (``zpool import -t``: the
+        disk keeps ``pool_name``, which an import by hand shows)."""
+        return temporary_pool_name(self.label)
 
 
 def _config(server: BackupServer, vm: Vm) -> str:

@@ -41,7 +41,7 @@ from zbackupd.server import remote
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
 from zbackupd.service.notify import Notifier
-from zbackupd.service.pool import revive_pool
+from zbackupd.service.pool import revive_pool, temporary_pool_name
 from zbackupd.service.session import Session
 from zbackupd.service.store import StateStore
 from zbackupd.zfs.facade import Zfs
@@ -317,7 +317,7 @@ class Daemon:
                 # Again if a try did not get it going (the pool may have turned
                 # SUSPENDED meanwhile): each try is ``zpool reopen`` + ``clear``.
                 attempt += 1
-                revival = await revive_pool(self._runner, disk.pool_name)
+                revival = await revive_pool(self._runner, temporary_pool_name(disk.label))
                 log.info("pool revived after re-plug", disk=disk.serial, disk_label=disk.label,
                          attempt=attempt, problems=revival.problems or None,
                          health_before=revival.health_before.value

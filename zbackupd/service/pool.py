@@ -22,7 +22,7 @@ from zbackupd.disk.power import DiskGone, PoweredOff
 from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.keys.secret import wipe
 from zbackupd.zfs import argv as zargv
-from zbackupd.zfs import parse
+from zbackupd.zfs import names, parse
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import CommandTimeout, Runner
 
@@ -31,6 +31,8 @@ EXPORT_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 #: How long ``zpool reopen`` / ``zpool clear`` of a pool whose disk came back may take.
 #: Both wait for the pool's stuck transaction group, so each can hang in the kernel.
 REVIVE_TIMEOUT_SECONDS = 60.0
+#: The temporary name of every pool zbackupd imports starts with this.
+TEMPORARY_NAME_PREFIX = "zbackupd-"
 
 
 class PowerSwitch(Protocol):
@@ -49,6 +51,17 @@ class PoolIdentityMismatch(PermanentError):
 
 class WrongDiskKey(PermanentError):
     """The pool refused our key: another installation's disk, or another passphrase."""
+
+
+def temporary_pool_name(label: str) -> str:
+    """``zbackupd-<label>``: the pool's name while zbackupd has it imported.
+
+    Imported with ``zpool import -t`` (``argv.zpool_import``), the name lasts until the
+    export and is never written to the disk, whose pool keeps its own name. One name per
+    disk label, so two disks whose pools share a name (two ``backup`` pools) can be
+    imported at once, and a pool under this name through zbackupd's mapping is zbackupd's.
+    """
+    return names.validate_pool_name(TEMPORARY_NAME_PREFIX + label)
 
 
 def revive_steps(pool: str) -> tuple[zargv.Argv, ...]:
@@ -140,8 +153,9 @@ class DiskPool:
         self.imported = False
         #: Whether this session had the pool imported at some point (and exported it).
         self.was_imported = False
-        #: The name the pool is imported under: what every command after the import uses.
-        self.name = disk.pool_name
+        #: The name the pool is imported under (``zpool import -t``, never written to the
+        #: disk): what every command after the import uses.
+        self.name = temporary_pool_name(disk.label)
 
     def replugged(self, *, import_device: str, power_device: str) -> None:
         """The disk came back under new device nodes: power off (and re-import) those."""
@@ -155,8 +169,8 @@ class DiskPool:
         return None
 
     async def open(self) -> None:
-        """Import the pool (or revive the one an earlier pull left imported) and check
-        that it is the configured one."""
+        """Import the pool under its temporary name (or revive the one an earlier pull
+        left imported), having checked that the disk's pool is the configured one."""
         self._enter(Phase.IMPORTING, f"pool {self.disk.pool_name} from {self.import_device}")
         row = await self._find_imported()
         if row is not None:
@@ -175,19 +189,47 @@ class DiskPool:
             if row is not None and row.health is parse.PoolHealth.SUSPENDED:
                 raise parse.PoolSuspended(zargv.zpool_reopen(row.name), 1, "; ".join(problems))
         if row is None:
-            await self._zfs.import_pool(await self.map_disk(), self.disk.pool_guid)
+            device = await self.map_disk()
+            await self._check_name_on_disk(device)
+            await self._zfs.import_pool(device, self.disk.pool_guid, temp_name=self.name)
             row = await self._find_imported()
         if row is None:
             raise PoolIdentityMismatch(
                 f"pool GUID {self.disk.pool_guid} is not imported after `zpool import`"
             )
         self.imported = self.was_imported = True
-        self.name = row.name  # what every later command names, whatever follows
-        if row.name != self.disk.pool_name:
+        if row.name != self.name:
             raise PoolIdentityMismatch(
-                f"pool with GUID {self.disk.pool_guid} is named {row.name!r}, "
+                f"pool with GUID {self.disk.pool_guid} is imported as {row.name!r}, "
+                f"not under zbackupd's name {self.name!r}"
+            )
+
+    async def _check_name_on_disk(self, device: str) -> None:
+        """The pool on ``device`` must carry the configured GUID and name. Checked in the
+        import listing, before importing: once imported under the temporary name, no
+        ``zpool`` property shows the name written on the disk any more."""
+        offered = await self._zfs.importable_pools(device)
+        found = next((p for p in offered if p.guid == self.disk.pool_guid), None)
+        if found is None:
+            raise PoolIdentityMismatch(
+                f"no pool with GUID {self.disk.pool_guid} offered for import on {device}"
+                + (f" (found {', '.join(repr(p.name) for p in offered)})" if offered else "")
+            )
+        if found.name != self.disk.pool_name:
+            raise PoolIdentityMismatch(
+                f"pool with GUID {self.disk.pool_guid} is named {found.name!r}, "
                 f"configured as {self.disk.pool_name!r}"
             )
+
+    @property
+    def as_imported(self) -> Disk:
+        """The configured disk as its datasets are named while the pool is imported: the
+        pool under its temporary name (target root included). Labels, sources and
+        retention stay the configured ones."""
+        root = self.name + self.disk.target_root[len(self.disk.pool_name):]
+        return self.disk.model_copy(
+            update={"pool_name": self.name, "explicit_target_root": root}
+        )
 
     async def map_disk(self) -> str:
         """The device to import from: the disk's mapping, or the disk itself when there

@@ -225,8 +225,9 @@ class Session:
     # -- one source --------------------------------------------------------------------------
 
     def source_run(self, source: Source, remote: RemoteHost) -> SourceRun:
-        """``source``'s unit of work over an open connection."""
-        return SourceRun(disk=self.disk, source=source, remote=remote, zfs=self._zfs,
+        """``source``'s unit of work over an open connection (the pool is imported: its
+        datasets go by the pool's temporary name)."""
+        return SourceRun(disk=self.pool.as_imported, source=source, remote=remote, zfs=self._zfs,
                          in_use=self._in_use, now=self._now, log=self._log)
 
     def replication(
@@ -235,7 +236,7 @@ class Session:
     ) -> DatasetReplication:
         """One selected dataset's unit of work over an open connection."""
         return DatasetReplication(
-            config=self.config, disk=self.disk, source=source, info=info, remote=remote,
+            config=self.config, disk=self.pool.as_imported, source=source, info=info, remote=remote,
             zfs=self._zfs, runner=self._runner, in_use=self._in_use, now=self._now,
             report=self._enter, log=self._log, index=index, total=total,
         )
