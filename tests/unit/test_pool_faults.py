@@ -165,3 +165,51 @@ async def test_two_disks_whose_pools_share_a_name_are_backed_up_at_once() -> Non
     assert after_import == {"zbackupd-offsite-a", "zbackupd-offsite-b"}
     # They really overlapped: both pools were imported when the keys were loaded.
     assert host.commands().count("zfs load-key") == 2
+
+
+# -- 3: a pool imported by someone else ---------------------------------------------------
+
+ZBACKUPD_TOUCHES = {"zpool reopen", "zpool clear", "zpool export", "zpool import",
+                    "zfs load-key", "zfs unload-key"}
+
+
+async def test_a_pool_imported_by_hand_is_refused_and_left_exactly_as_it_is() -> None:
+    by_hand = FakePool(DISK_A.pool_guid, "zbackup", KEY, imported_as="zbackup", vdev=BY_ID,
+                       key_loaded=True)
+    host = FakeHost([by_hand])
+    mapper, power = FakeMapper(), FakePower()
+    record = await make_session(host, mapper=mapper, power=power).run()
+    assert not record.ok
+    assert "refused: pool zbackup is imported by someone else: export it to let zbackupd " \
+        "back up this disk" in record.summary
+    assert set(host.commands()) & ZBACKUPD_TOUCHES == set()
+    assert (by_hand.imported_as, by_hand.vdev, by_hand.key_loaded) == ("zbackup", BY_ID, True)
+    assert mapper.calls == []
+    assert power.devices == []
+
+
+async def test_a_pool_under_zbackupds_name_but_not_through_its_mapping_is_not_taken() -> None:
+    odd = FakePool(DISK_A.pool_guid, "zbackup", KEY, imported_as="zbackupd-offsite-a",
+                   vdev=BY_ID)
+    host = FakeHost([odd])
+    session = make_session(host)
+    await session.run()
+    assert session.status.phase is Phase.REFUSED, session.status
+    assert "imported by someone else" in session.status.message
+    assert set(host.commands()) & ZBACKUPD_TOUCHES == set()
+    assert odd.imported_as == "zbackupd-offsite-a"
+
+
+async def test_a_pool_zbackupd_left_imported_through_its_mapping_is_revived_and_exported(
+) -> None:
+    ours = FakePool(DISK_A.pool_guid, "zbackup", KEY, imported_as="zbackupd-offsite-a",
+                    vdev="/dev/mapper/zbackupd-offsite-a")
+    host = FakeHost([ours])
+    mapper = FakeMapper({"zbackupd-offsite-a": "/dev/disk/by-id/old-part1"})
+    session = make_session(host, mapper=mapper)
+    record = await session.run()
+    assert record.ok, record
+    assert host.commands()[:4] == ["zpool list", "zpool status", "zpool list", "zpool reopen"]
+    assert mapper.calls[0] == ("repoint", "zbackupd-offsite-a", BY_ID)
+    assert host.imported() == {}
+    assert mapper.mappings == {}

@@ -17,7 +17,7 @@ from structlog.typing import FilteringBoundLogger
 
 from zbackupd.config import Disk
 from zbackupd.core.status import Phase
-from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapping_name
+from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapped_path, mapping_name
 from zbackupd.disk.power import DiskGone, PoweredOff
 from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.keys.secret import wipe
@@ -47,6 +47,17 @@ class EnterPhase(Protocol):
 
 class PoolIdentityMismatch(PermanentError):
     """The imported pool is not the configured one (name or GUID): refuse to touch it."""
+
+
+class PoolImportedElsewhere(PermanentError):
+    """The disk's pool is imported, but not by zbackupd (another name, or not through
+    zbackupd's mapping): the admin's. Nothing is done to it."""
+
+    def __init__(self, pool: str, vdevs: tuple[str, ...]) -> None:
+        self.pool = pool
+        self.vdevs = vdevs
+        super().__init__(f"pool {pool} is imported by someone else: export it to let "
+                         "zbackupd back up this disk")
 
 
 class WrongDiskKey(PermanentError):
@@ -174,20 +185,8 @@ class DiskPool:
         self._enter(Phase.IMPORTING, f"pool {self.disk.pool_name} from {self.import_device}")
         row = await self._find_imported()
         if row is not None:
-            # Still imported: an earlier session lost its disk mid-write (we import with
-            # cachefile=none and always export). Point its mapping at the re-plugged
-            # disk, reopen and clear, then go on from its state.
-            self._log.info("pool still imported from an earlier pull: reviving",
-                           pool=row.name, health=row.health.value)
-            await self.repoint_mapping()
-            revival = await revive_pool(self._runner, row.name)
-            problems = revival.problems
-            row = await self._find_imported()
-            self._log.info("pool revived" if row and row.health is parse.PoolHealth.ONLINE
-                           else "pool not revived", problems=problems or None,
-                           health=row.health.value if row else None)
-            if row is not None and row.health is parse.PoolHealth.SUSPENDED:
-                raise parse.PoolSuspended(zargv.zpool_reopen(row.name), 1, "; ".join(problems))
+            await self._require_ours(row)
+            row = await self._revive(row)
         if row is None:
             device = await self.map_disk()
             await self._check_name_on_disk(device)
@@ -198,11 +197,49 @@ class DiskPool:
                 f"pool GUID {self.disk.pool_guid} is not imported after `zpool import`"
             )
         self.imported = self.was_imported = True
-        if row.name != self.name:
-            raise PoolIdentityMismatch(
-                f"pool with GUID {self.disk.pool_guid} is imported as {row.name!r}, "
-                f"not under zbackupd's name {self.name!r}"
-            )
+
+    async def _require_ours(self, row: parse.PoolRow) -> None:
+        """An imported pool is zbackupd's only if it has zbackupd's temporary name and
+        sits on zbackupd's mapping over this disk (the disk itself without a
+        device-mapper): left by a session whose disk was pulled, or by a killed daemon.
+        Any other import is the admin's (or another tool's): refused, and left exactly
+        as it is: no reopen, no clear, no key, no export, no mapping touched."""
+        if self._device_mapper is not None:
+            ours = mapped_path(mapping_name(self.disk.label))
+        else:
+            ours = self.import_device
+        vdevs: tuple[str, ...] = ()
+        if row.name == self.name:
+            try:
+                vdevs = await Zfs(self._runner, timeout=REVIVE_TIMEOUT_SECONDS
+                                  ).pool_vdev_paths(row.name)
+            except ZbackupdError as error:
+                self._log.warning("cannot tell what the pool was imported from",
+                                  pool=row.name, error=str(error))
+            if ours in vdevs:
+                return
+        self._log.error("pool imported by someone else: not touched", pool=row.name,
+                        vdevs=list(vdevs) or None, expected_name=self.name,
+                        expected_vdev=ours)
+        raise PoolImportedElsewhere(row.name, vdevs)
+
+    async def _revive(self, row: parse.PoolRow) -> parse.PoolRow | None:
+        """Still imported by zbackupd: an earlier session lost its disk mid-write (we
+        import with cachefile=none and always export). Point its mapping at the
+        re-plugged disk, reopen and clear, then go on from its state."""
+        self._log.info("pool still imported from an earlier pull: reviving",
+                       pool=row.name, health=row.health.value)
+        await self.repoint_mapping()
+        revival = await revive_pool(self._runner, row.name)
+        problems = revival.problems
+        found = await self._find_imported()
+        self._log.info("pool revived" if found and found.health is parse.PoolHealth.ONLINE
+                       else "pool not revived", problems=problems or None,
+                       health=found.health.value if found else None)
+        if found is not None and found.health is parse.PoolHealth.SUSPENDED:
+            self.imported = self.was_imported = True  # ours, left for the next re-plug
+            raise parse.PoolSuspended(zargv.zpool_reopen(row.name), 1, "; ".join(problems))
+        return found
 
     async def _check_name_on_disk(self, device: str) -> None:
         """The pool on ``device`` must carry the configured GUID and name. Checked in the

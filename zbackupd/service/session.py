@@ -31,7 +31,13 @@ from zbackupd.disk.devmap import DeviceMapper
 from zbackupd.errors import ZbackupdError
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
-from zbackupd.service.pool import DiskPool, PoolIdentityMismatch, PowerSwitch, WrongDiskKey
+from zbackupd.service.pool import (
+    DiskPool,
+    PoolIdentityMismatch,
+    PoolImportedElsewhere,
+    PowerSwitch,
+    WrongDiskKey,
+)
 from zbackupd.service.replicate import DatasetReplication
 from zbackupd.service.source_run import (
     Connector,
@@ -142,7 +148,7 @@ class Session:
             outcome = f"disk pulled mid-write: re-plug disk {self.disk.label} to finish"
             self._log.error("pool suspended", error=str(error))
             self._enter(Phase.SUSPENDED, outcome)
-        except (PoolIdentityMismatch, WrongDiskKey) as error:
+        except (PoolIdentityMismatch, PoolImportedElsewhere, WrongDiskKey) as error:
             outcome = f"refused: {error}{self._what_was_left()}"
             self._log.error("disk refused", error=str(error))
             self._enter(Phase.REFUSED, outcome)
