@@ -8,6 +8,7 @@ with OpenZFS 2.3.2's messages; what ZFS really does is the VM suite's business
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -17,12 +18,17 @@ from hypothesis import strategies as st
 from test_session_prune import CONFIG
 
 from zbackupd.config import Config
-from zbackupd.core.status import Phase
+from zbackupd.core.status import DiskStatus, Phase, keep_history
 from zbackupd.disk.devmap import DeviceMapper
+from zbackupd.disk.power import DiskStillInUse
+from zbackupd.keys.derivation import KeyStore
 from zbackupd.server.prune import InUseRegistry
+from zbackupd.service.daemon import Daemon
+from zbackupd.service.notify import NullNotifier
 from zbackupd.service.pool import PowerSwitch, temporary_pool_name
 from zbackupd.service.session import Session
 from zbackupd.service.source_run import Connector
+from zbackupd.service.store import RunRecord, StateStore
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.facade import Zfs
@@ -213,3 +219,61 @@ async def test_a_pool_zbackupd_left_imported_through_its_mapping_is_revived_and_
     assert mapper.calls[0] == ("repoint", "zbackupd-offsite-a", BY_ID)
     assert host.imported() == {}
     assert mapper.mappings == {}
+
+
+# -- 5: a failed power-off, and the last success across failures --------------------------
+
+
+async def test_a_failed_power_off_is_a_warning_on_a_good_run() -> None:
+    host = FakeHost([FakePool(DISK_A.pool_guid, "zbackup", KEY)])
+    power = FakePower(DiskStillInUse("sdz9", "sdz", ("holder",)))
+    session = make_session(host, power=power)
+    record = await session.run()
+    assert record.ok, record
+    assert session.status.phase is Phase.DONE, session.status
+    assert record.summary.startswith("ok; warning: disk offsite-a not powered off")
+    assert "sdz9 is still in use" in record.summary
+    assert "pool exported" in record.summary
+    assert session.status.last_success == record.finished
+    assert host.imported() == {}
+
+
+def _record(run_id: str, finished: float, ok: bool) -> RunRecord:
+    return RunRecord(run_id, "offsite-a", "SERIAL-A", finished - 60, finished, ok,
+                     "ok" if ok else "failed: boom")
+
+
+class _Watcher:
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def begin_session(self, disk: object) -> None: ...
+
+    def end_session(self, disk: object) -> None: ...
+
+
+def _daemon(store: StateStore) -> Daemon:
+    host = FakeHost([])
+    return Daemon(CONFIG, zfs=Zfs(host), runner=host, keystore=cast(KeyStore, None),
+                  store=store, notifier=NullNotifier(), watcher_factory=lambda _: _Watcher())
+
+
+def test_the_last_success_comes_from_the_store_whatever_the_last_run_was(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.record_run(_record("good", 1000.0, True))
+    store.record_run(_record("bad", 2000.0, False))
+    [disk] = _daemon(store).status.disks
+    assert (disk.phase, disk.last_result, disk.last_success) == (Phase.FAILED, "failed: boom",
+                                                                 1000.0)
+
+
+def test_a_status_without_history_keeps_the_known_last_result_and_success() -> None:
+    known = DiskStatus("offsite-a", "SERIAL-A", Phase.DONE, last_result="ok", last_success=1e3)
+    running = DiskStatus("offsite-a", "SERIAL-A", Phase.TRANSFERRING)
+    failed = DiskStatus("offsite-a", "SERIAL-A", Phase.FAILED, last_result="failed: x")
+    assert keep_history(known, running) == replace(running, last_result="ok", last_success=1e3)
+    assert keep_history(known, failed) == replace(failed, last_success=1e3)
+    assert keep_history(None, failed) == failed
+    newer = replace(failed, last_success=2e3)
+    assert keep_history(known, newer) == newer

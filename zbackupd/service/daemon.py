@@ -21,7 +21,14 @@ import asyncssh
 import structlog
 
 from zbackupd.config import Config, Disk, Source
-from zbackupd.core.status import DaemonStatus, DiskStatus, Phase, as_dict, status_line
+from zbackupd.core.status import (
+    DaemonStatus,
+    DiskStatus,
+    Phase,
+    as_dict,
+    keep_history,
+    status_line,
+)
 from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapping_name
 from zbackupd.disk.power import DiskPower
 from zbackupd.disk.udev import (
@@ -124,10 +131,11 @@ class Daemon:
         for label, record in store.last_runs().items():
             disk = config.disk_by_label(label)
             if disk is not None:
+                success = record if record.ok else store.last_success(label)
                 self._status = self._status.with_disk(DiskStatus(
                     label, disk.serial, Phase.DONE if record.ok else Phase.FAILED,
                     run_id=record.run_id, last_result=record.summary,
-                    last_success=record.finished if record.ok else None,
+                    last_success=success.finished if success is not None else None,
                 ))
 
     # -- status --------------------------------------------------------------------------
@@ -137,7 +145,10 @@ class Daemon:
         return self._status
 
     def _update(self, disk: DiskStatus) -> None:
-        self._status = self._status.with_disk(disk)
+        """A disk's new status; what it does not know of the disk's history (a running or
+        failed session: the last result, the last success) is kept from before."""
+        previous = next((d for d in self._status.disks if d.label == disk.label), None)
+        self._status = self._status.with_disk(keep_history(previous, disk))
         self._publish()
 
     def _publish(self) -> None:

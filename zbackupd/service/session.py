@@ -136,9 +136,11 @@ class Session:
         ok = False
         pool = self.pool
         try:
-            await self._use_disk()
+            warning = await self._use_disk()
             ok = not self._tally.problems
             outcome = "ok" if ok else "finished with problems: " + "; ".join(self._tally.problems)
+            if warning is not None:
+                outcome += f"; warning: {warning}"
             self._enter(Phase.DONE, outcome)
         except asyncio.CancelledError:
             left = "pool still imported" if pool.imported else "pool exported"
@@ -178,8 +180,10 @@ class Session:
             bytes_sent=self._tally.bytes_sent,
         )
 
-    async def _use_disk(self) -> None:
-        """Open the pool, back up every source, close the pool, unmap, power off.
+    async def _use_disk(self) -> str | None:
+        """Open the pool, back up every source, close the pool, unmap, power off; returns
+        a warning for the status line when the power-off failed (the backup still counts:
+        the pool is exported).
 
         Whatever goes wrong once zbackupd has imported the pool, the pool is exported
         before the session ends (a suspended one excepted: see ``DiskPool.close``): a
@@ -202,7 +206,14 @@ class Session:
         if close_error is not None:
             raise close_error
         await pool.unmap()  # before the power-off, which proves nothing holds the disk
-        await pool.power_off()
+        try:
+            await pool.power_off()
+        except ZbackupdError as error:
+            self._log.warning("disk not powered off", error=str(error),
+                              error_type=type(error).__name__)
+            return (f"disk {self.disk.label} not powered off ({error}); pool exported: "
+                    "safe to unplug")
+        return None
 
     async def _close(self, failure: ZbackupdError | None) -> ZbackupdError | None:
         """Export the pool if zbackupd has it imported; returns what failed instead of
