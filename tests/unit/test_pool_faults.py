@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
+import pytest
 from fakehost import FakeHost, FakeMapper, FakePool, FakePower, import_block
 from hypothesis import given
 from hypothesis import strategies as st
 from test_session_prune import CONFIG
 
 from zbackupd.config import Config
+from zbackupd.core.model import Encryption
 from zbackupd.core.status import DiskStatus, Phase, keep_history
 from zbackupd.disk.devmap import DeviceMapper
 from zbackupd.disk.power import DiskStillInUse
@@ -26,9 +29,10 @@ from zbackupd.server.prune import InUseRegistry
 from zbackupd.service.daemon import Daemon
 from zbackupd.service.notify import NullNotifier
 from zbackupd.service.pool import PowerSwitch, temporary_pool_name
+from zbackupd.service.replicate import DatasetOutcome, DatasetReplication
 from zbackupd.service.session import Session
-from zbackupd.service.source_run import Connector
-from zbackupd.service.store import RunRecord, StateStore
+from zbackupd.service.source_run import Connector, SourceDatasetInfo, SourceRun
+from zbackupd.service.store import DatasetResult, RunRecord, StateStore
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.facade import Zfs
@@ -277,3 +281,92 @@ def test_a_status_without_history_keeps_the_known_last_result_and_success() -> N
     assert keep_history(None, failed) == failed
     newer = replace(failed, last_success=2e3)
     assert keep_history(known, newer) == newer
+
+
+# -- 7: a pool suspended under a failed transfer ------------------------------------------
+
+
+class _Remote:
+    async def __aenter__(self) -> _Remote:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+
+class _Listing:
+    """One source listing with two selected datasets (what ``SourceRun`` hands over)."""
+
+    def __init__(self) -> None:
+        config = CONFIG.sources[0].datasets[0]
+        self.selected = tuple(
+            SourceDatasetInfo(name, Encryption.ENCRYPTED, f"zbackupd-offsite-a/backup/{name}",
+                              config)
+            for name in ("tank/a", "tank/b"))
+        self.snapshots: tuple[object, ...] = ()
+        self.bookmarks: tuple[object, ...] = ()
+
+
+class _Work:
+    async def take_snapshots(self) -> datetime:
+        return datetime(2026, 1, 5, tzinfo=UTC)
+
+    async def list(self) -> _Listing:
+        return _Listing()
+
+    async def ensure_parents(self, _: object) -> None:
+        return None
+
+
+class _FailingTransfer:
+    """The first dataset's transfer fails as the pool suspends (the disk was pulled);
+    a later one would hang on the suspended pool, so it must not start."""
+
+    def __init__(self, host: FakeHost, name: str, started: list[str]) -> None:
+        self.host, self.name, self.started = host, name, started
+
+    async def run(self, *_: object) -> DatasetOutcome:
+        self.started.append(self.name)
+        self.host.pool(DISK_A.pool_guid).health = "SUSPENDED"
+        return DatasetOutcome(DatasetResult(self.name, "failed: receive failed"),
+                              f"{self.name}: receive failed after 12 bytes")
+
+
+class _SessionOverSource(Session):
+    def __init__(self, host: FakeHost, started: list[str], **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._host, self._started = host, started
+
+    def source_run(self, source: object, remote: object) -> SourceRun:
+        return cast(SourceRun, _Work())
+
+    def replication(self, source: object, remote: object, info: SourceDatasetInfo, *,
+                    index: int, total: int) -> DatasetReplication:
+        return cast(DatasetReplication, _FailingTransfer(self._host, info.name, self._started))
+
+
+async def test_a_pool_suspended_under_a_failed_transfer_ends_the_session_as_suspended() -> None:
+    host = FakeHost([FakePool(DISK_A.pool_guid, "zbackup", KEY)])
+    started: list[str] = []
+
+    async def connect(_: object) -> _Remote:
+        return _Remote()
+
+    base = make_session(host, config=CONFIG)
+    session = _SessionOverSource(
+        host, started, config=CONFIG, disk=DISK_A, import_device=BY_ID,
+        power_device="/dev/sdz", zfs=Zfs(host), runner=host, connect=connect,
+        power=FakePower(), report=lambda _: None, pool_key=lambda: bytearray(KEY),
+        snapshots_in_use=InUseRegistry(), device_mapper=FakeMapper(), run_id=base.run_id)
+    record = await session.run()
+    assert started == ["tank/a"]
+    assert session.status.phase is Phase.SUSPENDED, session.status
+    assert "re-plug disk offsite-a" in record.summary
+    assert "zbackupd-offsite-a" in host.imported()  # left for the re-plug's revival
+
+
+async def test_a_pool_that_does_not_answer_counts_as_suspended() -> None:
+    host = FakeHost([FakePool(DISK_A.pool_guid, "zbackup", KEY)], fail={"zpool list": None})
+    with pytest.raises(parse.PoolSuspended, match="does not answer"):
+        await make_session(host).pool.raise_if_suspended()
+    assert host.calls[0][-1] == "zbackupd-offsite-a"

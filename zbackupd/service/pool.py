@@ -31,6 +31,9 @@ EXPORT_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 #: How long ``zpool reopen`` / ``zpool clear`` of a pool whose disk came back may take.
 #: Both wait for the pool's stuck transaction group, so each can hang in the kernel.
 REVIVE_TIMEOUT_SECONDS = 60.0
+#: How long asking for the pool's health may take (``zpool list`` of a pool whose disk is
+#: gone may hang in the kernel; a hang counts as suspended).
+HEALTH_TIMEOUT_SECONDS = 30.0
 #: The temporary name of every pool zbackupd imports starts with this.
 TEMPORARY_NAME_PREFIX = "zbackupd-"
 
@@ -331,9 +334,7 @@ class DiskPool:
         """Unload the key (if it is loaded) and export; a suspended pool (disk pulled) is
         left imported. Only the export can fail this: it also drops a loaded key."""
         pool = self.name
-        row = await self._find_imported()
-        if row is not None and row.health is parse.PoolHealth.SUSPENDED:
-            raise parse.PoolSuspended(("zpool", "list", pool), 1, "pool I/O is suspended")
+        await self.raise_if_suspended()
         self._enter(Phase.EXPORTING)
         await self._unload_key(pool)
         for delay in (*EXPORT_BACKOFF, None):
@@ -347,6 +348,23 @@ class DiskPool:
             else:
                 self.imported = False
                 return
+
+    async def raise_if_suspended(self) -> None:
+        """``PoolSuspended`` if the pool is suspended (its disk was pulled) or ``zpool
+        list`` does not answer in time: every later command on it would hang, so the
+        session ends here and waits for the re-plug. Bounded; a failed question (other
+        than a hang) only warns: the next command tells."""
+        argv = zargv.zpool_list([self.name])
+        try:
+            health = await Zfs(self._runner, timeout=HEALTH_TIMEOUT_SECONDS
+                               ).pool_health(self.name)
+        except CommandTimeout as error:
+            raise parse.PoolSuspended(argv, 1, f"the pool does not answer: {error}") from error
+        except ZbackupdError as error:
+            self._log.warning("pool health unknown", pool=self.name, error=str(error))
+            return
+        if health is parse.PoolHealth.SUSPENDED:
+            raise parse.PoolSuspended(argv, 1, "pool I/O is suspended")
 
     async def _unload_key(self, pool: str) -> None:
         """``zfs unload-key`` when ``keystatus`` says the key is loaded. Its error text is

@@ -279,3 +279,6 @@ class Session:
                 self._tally.results.append(outcome.result)
                 if outcome.problem is not None:
                     self._tally.problems.append(outcome.problem)
+                    # A failed transfer may be the disk going away (the receive fails
+                    # before ZFS says SUSPENDED): the next dataset would hang on it.
+                    await self.pool.raise_if_suspended()
