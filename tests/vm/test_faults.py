@@ -142,31 +142,7 @@ def test_two_disks_at_once_are_backed_up_concurrently(
 
     vm.run("systemctl stop zbackupd", timeout=240)
     for disk, run in zip((first, second), runs, strict=True):
-        _inspect_own_run(vm, server, disk, run)
-
-
-def _inspect_own_run(
-    vm: Vm, server: BackupServer, disk: BackupDisk, run: dict[str, Any]
-) -> None:
-    """The disk holds its own run's snapshot of every dataset: one point in time (the
-    other disk's run may have snapshotted the server again meanwhile), GUIDs the server's."""
-    own = {result["newest_snapshot"] for result in run["datasets"]}
-    assert len(own) == 1, run
-    [snapshot] = own
-    listing = vm.run(server.ssh(
-        "zfs list -H -p -t snapshot -o name,guid -r " + " ".join(story.ROOTS)
-    )).stdout
-    server_guids = {
-        name.partition("@")[0]: int(guid)
-        for name, guid in (line.split("\t") for line in listing.splitlines())
-        if name.endswith("@" + snapshot)
-    }
-    story.replug(vm, disk)
-    story.import_for_inspection(vm, disk)
-    try:
-        assert story.disk_newest_guids(vm, disk) == server_guids
-    finally:
-        story.export(vm, disk)
+        story.inspect_own_run(vm, server, disk, run)
 
 
 def test_sigterm_mid_transfer_exports_then_resumes(
