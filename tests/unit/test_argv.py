@@ -151,7 +151,7 @@ BUILT = {
     "import renamed": (
         zargv.zpool_import("/dev/disk/by-id/ata-X-part1", 7, temp_name="zb_disk1"),
         ("zpool", "import", "-d", "/dev/disk/by-id/ata-X-part1", "-N", "-o", "cachefile=none",
-         "7", "zb_disk1"),
+         "-t", "7", "zb_disk1"),
     ),
     "import from the disk's mapping": (
         zargv.zpool_import("/dev/mapper/zbackupd-offsite-a", 7),

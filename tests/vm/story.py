@@ -16,6 +16,7 @@ from typing import Any
 
 from tests.vm.controller import UsbDisk, Vm
 from tests.vm.topology import GUEST_VENV, SERVER_DIR, BackupServer
+from zbackupd.service.pool import temporary_pool_name
 
 PASSPHRASE = b"correct horse battery staple\n"
 CONFIG_PATH = "/etc/zbackupd/zbackupd.toml"
@@ -38,6 +39,12 @@ class BackupDisk:
     @property
     def partition(self) -> str:
         return f"{self.usb.by_id}-part1"
+
+    @property
+    def imported_as(self) -> str:
+        """The pool's name while the daemon has it imported (``zpool import -t``: the
+        disk keeps ``pool_name``, which an import by hand shows)."""
+        return temporary_pool_name(self.label)
 
 
 def _config(server: BackupServer, vm: Vm) -> str:
@@ -82,20 +89,37 @@ def first_setup(vm: Vm, server: BackupServer) -> str:
     return line
 
 
-def init_disk(vm: Vm, usb: UsbDisk, label: str) -> BackupDisk:
-    """``zbackupd init-disk``, then its printed block appended to the config."""
+def init_disk(
+    vm: Vm,
+    usb: UsbDisk,
+    label: str,
+    *,
+    pool_name: str | None = None,
+    label_in_config: str | None = None,
+    pool_name_in_config: str | None = None,
+) -> BackupDisk:
+    """``zbackupd init-disk`` (``--pool-name`` when given), then its printed block appended
+    to the config. ``label_in_config`` / ``pool_name_in_config`` falsify that block: the
+    pool key is derived from the label, so another label means another key (a disk of
+    another installation); another pool name, a disk whose pool is not the configured
+    one. The result names the disk as the config does and the pool as the disk does."""
+    option = f" --pool-name {pool_name}" if pool_name else ""
     snippet = vm.run(
-        f"zbackupd init-disk --device {usb.by_id} --label {label} --passphrase-stdin",
+        f"zbackupd init-disk --device {usb.by_id} --label {label}{option} --passphrase-stdin",
         stdin=PASSPHRASE, timeout=300,
     ).stdout
-    vm.run(f"cat >> {CONFIG_PATH}", stdin=("\n" + snippet).encode())
     fields = dict(
         line.split(" = ", 1) for line in snippet.splitlines() if " = " in line
     )
+    on_disk = json.loads(fields["pool_name"])
+    if label_in_config is not None:
+        snippet = snippet.replace(f'label = "{label}"', f'label = "{label_in_config}"')
+    if pool_name_in_config is not None:
+        snippet = snippet.replace(f'pool_name = "{on_disk}"',
+                                  f'pool_name = "{pool_name_in_config}"')
+    vm.run(f"cat >> {CONFIG_PATH}", stdin=("\n" + snippet).encode())
     vm.run("udevadm settle")
-    return BackupDisk(
-        usb, label, json.loads(fields["pool_name"]), int(json.loads(fields["pool_guid"]))
-    )
+    return BackupDisk(usb, label_in_config or label, on_disk, int(json.loads(fields["pool_guid"])))
 
 
 def start_daemon(vm: Vm) -> None:
@@ -222,3 +246,28 @@ def import_for_inspection(vm: Vm, disk: BackupDisk) -> None:
 
 def export(vm: Vm, disk: BackupDisk) -> None:
     vm.run(f"zfs unload-key -a 2>/dev/null || true; zpool export {disk.pool_name}", timeout=120)
+
+
+def inspect_own_run(vm: Vm, server: BackupServer, disk: BackupDisk, run: dict[str, Any]) -> None:
+    """With the daemon stopped: the disk holds its own run's snapshot of every dataset:
+    one point in time (another disk's run may have snapshotted the server again
+    meanwhile), GUIDs the server's. The pool is imported by hand under the name on the
+    disk, which proves the daemon's temporary import name was not written there."""
+    own = {result["newest_snapshot"] for result in run["datasets"]}
+    assert len(own) == 1, run
+    [snapshot] = own
+    listing = vm.run(server.ssh(
+        "zfs list -H -p -t snapshot -o name,guid -r " + " ".join(ROOTS)
+    )).stdout
+    server_guids = {
+        name.partition("@")[0]: int(guid)
+        for name, guid in (line.split("\t") for line in listing.splitlines())
+        if name.endswith("@" + snapshot)
+    }
+    if not disk_present(vm, disk.usb):  # powered off by the daemon: plug it in again
+        replug(vm, disk)
+    import_for_inspection(vm, disk)
+    try:
+        assert disk_newest_guids(vm, disk) == server_guids
+    finally:
+        export(vm, disk)

@@ -136,37 +136,13 @@ def test_two_disks_at_once_are_backed_up_concurrently(
     assert all(run["bytes_sent"] > 8 << 20 for run in runs), runs
     # Concurrent, not one after the other: each started before the other finished.
     assert max(run["started"] for run in runs) < min(run["finished"] for run in runs), runs
-    assert not {first.pool_name, second.pool_name} & set(_imported_pools(vm))
+    assert not {first.imported_as, second.imported_as} & set(_imported_pools(vm))
     print("two disks:", [(run["run_id"], round(run["finished"] - run["started"]))
                          for run in runs])  # fmt: skip
 
     vm.run("systemctl stop zbackupd", timeout=240)
     for disk, run in zip((first, second), runs, strict=True):
-        _inspect_own_run(vm, server, disk, run)
-
-
-def _inspect_own_run(
-    vm: Vm, server: BackupServer, disk: BackupDisk, run: dict[str, Any]
-) -> None:
-    """The disk holds its own run's snapshot of every dataset: one point in time (the
-    other disk's run may have snapshotted the server again meanwhile), GUIDs the server's."""
-    own = {result["newest_snapshot"] for result in run["datasets"]}
-    assert len(own) == 1, run
-    [snapshot] = own
-    listing = vm.run(server.ssh(
-        "zfs list -H -p -t snapshot -o name,guid -r " + " ".join(story.ROOTS)
-    )).stdout
-    server_guids = {
-        name.partition("@")[0]: int(guid)
-        for name, guid in (line.split("\t") for line in listing.splitlines())
-        if name.endswith("@" + snapshot)
-    }
-    story.replug(vm, disk)
-    story.import_for_inspection(vm, disk)
-    try:
-        assert story.disk_newest_guids(vm, disk) == server_guids
-    finally:
-        story.export(vm, disk)
+        story.inspect_own_run(vm, server, disk, run)
 
 
 def test_sigterm_mid_transfer_exports_then_resumes(
@@ -186,7 +162,7 @@ def test_sigterm_mid_transfer_exports_then_resumes(
     stop_seconds = time.monotonic() - started
     assert stop_seconds < TIMEOUT_STOP_SECONDS, stop_seconds
     assert vm.run("systemctl show -P Result zbackupd").stdout.strip() == "success"
-    assert disk.pool_name not in _imported_pools(vm)  # aborted, then exported
+    assert disk.imported_as not in _imported_pools(vm)  # aborted, then exported
     assert not vm.run("pgrep -f '^zfs receive' || true").stdout.strip()  # no receive left
 
     # The interrupted receive left its resume token on the disk.
@@ -225,11 +201,11 @@ def _stay_away_until_suspended(vm: Vm, disk: story.BackupDisk, latencies: list[f
     """Long enough for ZFS to give up on the disk: the hard case, which no zpool command
     alone recovers from. The daemon keeps answering and saying what to do meanwhile."""
     deadline = time.monotonic() + SUSPEND_WAIT_SECONDS
-    while time.monotonic() < deadline and _pool_state(vm, disk.pool_name) != "SUSPENDED":
+    while time.monotonic() < deadline and _pool_state(vm, disk.imported_as) != "SUSPENDED":
         time.sleep(10)
     assert f"re-plug disk {disk.label} to finish" in story.systemd_status_line(vm)
     assert max([*latencies, _control_latency(vm)]) < 5.0
-    assert _pool_state(vm, disk.pool_name) == "SUSPENDED"
+    assert _pool_state(vm, disk.imported_as) == "SUSPENDED"
 
 
 # Last of the whole VM suite: if recovery ever fails, the guest keeps processes stuck in
@@ -278,13 +254,13 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     evidence = vm.run(
         "zpool list -H -o name,health; ps -eo stat,wchan:24,args | grep '[z]fs receive' || true"
     ).stdout
-    assert disk.pool_name in evidence  # still imported: the pending writes wait for the disk
+    assert disk.imported_as in evidence  # still imported: the pending writes wait for the disk
     mapping = f"zbackupd-{disk.label}"
     assert f"/dev/mapper/{mapping}" in vm.run(f"dmsetup ls; ls -l /dev/mapper/{mapping}").stdout
     if away == "minutes":
         _stay_away_until_suspended(vm, disk, latencies)
     print(f"pulled after {at_pull.get('bytes_done')} bytes; daemon latency {latencies}; "
-          f"pool {_pool_state(vm, disk.pool_name)} at re-plug; guest:\n{evidence}")
+          f"pool {_pool_state(vm, disk.imported_as)} at re-plug; guest:\n{evidence}")
 
     vm.plug_usb_disk(usb.serial, usb.size_bytes, image=usb.image)
     # Done, or the daemon gave up ("restart the machine"): no use waiting beyond that.
@@ -297,7 +273,7 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     after = story.last_run(vm, disk.label)
     assert after["ok"], after
     assert after["run_id"] != before["run_id"]
-    assert disk.pool_name not in _imported_pools(vm)
+    assert disk.imported_as not in _imported_pools(vm)
     journal = _journal(vm, f"DISK={usb.serial}")
     assert "pulled disk is back" in journal
     assert "pool revived after re-plug" in journal

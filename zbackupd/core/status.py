@@ -69,6 +69,20 @@ class DaemonStatus:
         return replace(self, disks=tuple(sorted((*others, disk), key=lambda d: d.label)))
 
 
+def keep_history(previous: DiskStatus | None, new: DiskStatus) -> DiskStatus:
+    """``new`` with the last result and last success it does not know taken from
+    ``previous``: a running or failed session knows neither, and a failure never erases
+    when the disk last succeeded."""
+    if previous is None:
+        return new
+    return replace(
+        new,
+        last_result=new.last_result if new.last_result is not None else previous.last_result,
+        last_success=new.last_success if new.last_success is not None
+        else previous.last_success,
+    )
+
+
 _ACTIVE = frozenset(
     {Phase.DETECTED, Phase.IMPORTING, Phase.UNLOCKING, Phase.CONNECTING, Phase.PLANNING,
      Phase.TRANSFERRING, Phase.PRUNING, Phase.EXPORTING, Phase.POWERING_OFF}

@@ -21,7 +21,14 @@ import asyncssh
 import structlog
 
 from zbackupd.config import Config, Disk, Source
-from zbackupd.core.status import DaemonStatus, DiskStatus, Phase, as_dict, status_line
+from zbackupd.core.status import (
+    DaemonStatus,
+    DiskStatus,
+    Phase,
+    as_dict,
+    keep_history,
+    status_line,
+)
 from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapping_name
 from zbackupd.disk.power import DiskPower
 from zbackupd.disk.udev import (
@@ -41,7 +48,7 @@ from zbackupd.server import remote
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
 from zbackupd.service.notify import Notifier
-from zbackupd.service.pool import revive_pool
+from zbackupd.service.pool import revive_pool, temporary_pool_name
 from zbackupd.service.session import Session
 from zbackupd.service.store import StateStore
 from zbackupd.zfs.facade import Zfs
@@ -131,10 +138,11 @@ class Daemon:
         for label, record in store.last_runs().items():
             disk = config.disk_by_label(label)
             if disk is not None:
+                success = record if record.ok else store.last_success(label)
                 self._status = self._status.with_disk(DiskStatus(
                     label, disk.serial, Phase.DONE if record.ok else Phase.FAILED,
                     run_id=record.run_id, last_result=record.summary,
-                    last_success=record.finished if record.ok else None,
+                    last_success=success.finished if success is not None else None,
                 ))
 
     # -- status --------------------------------------------------------------------------
@@ -144,7 +152,10 @@ class Daemon:
         return self._status
 
     def _update(self, disk: DiskStatus) -> None:
-        self._status = self._status.with_disk(disk)
+        """A disk's new status; what it does not know of the disk's history (a running or
+        failed session: the last result, the last success) is kept from before."""
+        previous = next((d for d in self._status.disks if d.label == disk.label), None)
+        self._status = self._status.with_disk(keep_history(previous, disk))
         self._publish()
 
     def _publish(self) -> None:
@@ -329,7 +340,7 @@ class Daemon:
                 # Again if a try did not get it going (the pool may have turned
                 # SUSPENDED meanwhile): each try is ``zpool reopen`` + ``clear``.
                 attempt += 1
-                revival = await revive_pool(self._runner, disk.pool_name)
+                revival = await revive_pool(self._runner, temporary_pool_name(disk.label))
                 log.info("pool revived after re-plug", disk=disk.serial, disk_label=disk.label,
                          attempt=attempt, problems=revival.problems or None,
                          health_before=revival.health_before.value

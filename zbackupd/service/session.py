@@ -31,7 +31,13 @@ from zbackupd.disk.devmap import DeviceMapper
 from zbackupd.errors import ZbackupdError
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
-from zbackupd.service.pool import DiskPool, PoolIdentityMismatch, PowerSwitch, WrongDiskKey
+from zbackupd.service.pool import (
+    DiskPool,
+    PoolIdentityMismatch,
+    PoolImportedElsewhere,
+    PowerSwitch,
+    WrongDiskKey,
+)
 from zbackupd.service.replicate import DatasetReplication
 from zbackupd.service.source_run import (
     Connector,
@@ -130,38 +136,32 @@ class Session:
         ok = False
         pool = self.pool
         try:
-            await pool.open()
-            try:
-                await pool.unlock(self._pool_key)
-                for source in self.config.sources_for(self.disk):
-                    await self._back_up_source(source)
-            finally:
-                if pool.imported:
-                    await pool.close()
-            await pool.unmap()  # before the power-off, which proves nothing holds the disk
-            await pool.power_off()
+            warning = await self._use_disk()
             ok = not self._tally.problems
             outcome = "ok" if ok else "finished with problems: " + "; ".join(self._tally.problems)
+            if warning is not None:
+                outcome += f"; warning: {warning}"
             self._enter(Phase.DONE, outcome)
         except asyncio.CancelledError:
-            self._enter(Phase.FAILED, "stopped: transfer aborted, pool exported")
+            left = "pool still imported" if pool.imported else "pool exported"
+            self._enter(Phase.FAILED, f"stopped: transfer aborted, {left}")
             raise
         except parse.PoolSuspended as error:
             outcome = f"disk pulled mid-write: re-plug disk {self.disk.label} to finish"
             self._log.error("pool suspended", error=str(error))
             self._enter(Phase.SUSPENDED, outcome)
-        except (PoolIdentityMismatch, WrongDiskKey) as error:
-            outcome = f"refused: {error}"
+        except (PoolIdentityMismatch, PoolImportedElsewhere, WrongDiskKey) as error:
+            outcome = f"refused: {error}{self._what_was_left()}"
             self._log.error("disk refused", error=str(error))
             self._enter(Phase.REFUSED, outcome)
         except ZbackupdError as error:
-            outcome = f"failed: {error}"
+            outcome = f"failed: {error}{self._what_was_left()}"
             self._log.error("session failed", error=str(error), error_type=type(error).__name__,
                             transient=error.transient)
             self._enter(Phase.FAILED, outcome)
         finally:
             self._in_use.release()
-            await pool.unmap()  # a failed import; never while the pool is imported
+            await pool.unmap()  # a failed import or a refusal; never while the pool is imported
         finished = time.time()
         self._status = replace(
             self._status,
@@ -180,11 +180,71 @@ class Session:
             bytes_sent=self._tally.bytes_sent,
         )
 
+    async def _use_disk(self) -> str | None:
+        """Open the pool, back up every source, close the pool, unmap, power off; returns
+        a warning for the status line when the power-off failed (the backup still counts:
+        the pool is exported).
+
+        Whatever goes wrong once zbackupd has imported the pool, the pool is exported
+        before the session ends (a suspended one excepted: see ``DiskPool.close``): a
+        refused disk (wrong key, other pool) too. A refused disk is left powered on: it
+        is ours, the admin may want to look at it, and exported it is safe to unplug.
+        """
+        pool = self.pool
+        failure: ZbackupdError | None = None
+        try:
+            await pool.open()
+            await pool.unlock(self._pool_key)
+            for source in self.config.sources_for(self.disk):
+                await self._back_up_source(source)
+        except ZbackupdError as error:
+            failure = error
+        finally:  # also when cancelled (SIGTERM): the transfer is aborted, the pool exported
+            close_error = await self._close(failure)
+        if failure is not None:
+            raise failure
+        if close_error is not None:
+            raise close_error
+        await pool.unmap()  # before the power-off, which proves nothing holds the disk
+        try:
+            await pool.power_off()
+        except ZbackupdError as error:
+            self._log.warning("disk not powered off", error=str(error),
+                              error_type=type(error).__name__)
+            return (f"disk {self.disk.label} not powered off ({error}); pool exported: "
+                    "safe to unplug")
+        return None
+
+    async def _close(self, failure: ZbackupdError | None) -> ZbackupdError | None:
+        """Export the pool if zbackupd has it imported; returns what failed instead of
+        raising, so that an earlier ``failure`` (the reason for the session's end) is
+        not replaced by the export's trouble."""
+        if not self.pool.imported:
+            return None
+        try:
+            await self.pool.close()
+        except ZbackupdError as error:
+            if failure is None:
+                return error
+            if not isinstance(error, parse.PoolSuspended):
+                self._log.error("export failed after an earlier failure", error=str(error),
+                                error_type=type(error).__name__, earlier=str(failure))
+        return None
+
+    def _what_was_left(self) -> str:
+        """For the status line after a refusal or failure: the pool's and disk's state."""
+        if self.pool.imported:
+            return f"; pool {self.pool.name} is still imported: export it by hand"
+        if self.pool.was_imported:
+            return "; pool exported, disk left powered on (safe to unplug)"
+        return ""
+
     # -- one source --------------------------------------------------------------------------
 
     def source_run(self, source: Source, remote: RemoteHost) -> SourceRun:
-        """``source``'s unit of work over an open connection."""
-        return SourceRun(disk=self.disk, source=source, remote=remote, zfs=self._zfs,
+        """``source``'s unit of work over an open connection (the pool is imported: its
+        datasets go by the pool's temporary name)."""
+        return SourceRun(disk=self.pool.as_imported, source=source, remote=remote, zfs=self._zfs,
                          in_use=self._in_use, now=self._now, log=self._log)
 
     def replication(
@@ -193,7 +253,7 @@ class Session:
     ) -> DatasetReplication:
         """One selected dataset's unit of work over an open connection."""
         return DatasetReplication(
-            config=self.config, disk=self.disk, source=source, info=info, remote=remote,
+            config=self.config, disk=self.pool.as_imported, source=source, info=info, remote=remote,
             zfs=self._zfs, runner=self._runner, in_use=self._in_use, now=self._now,
             report=self._enter, log=self._log, index=index, total=total,
         )
@@ -219,3 +279,6 @@ class Session:
                 self._tally.results.append(outcome.result)
                 if outcome.problem is not None:
                     self._tally.problems.append(outcome.problem)
+                    # A failed transfer may be the disk going away (the receive fails
+                    # before ZFS says SUSPENDED): the next dataset would hang on it.
+                    await self.pool.raise_if_suspended()

@@ -862,30 +862,35 @@ def zpool_create(pool: str, device: str, *, force: bool = False) -> Argv:
     )
 
 
-def zpool_import(device: str, pool_guid: int, *, temp_name: str | None = None) -> Argv:
-    """``zpool import -d <device> -N -o cachefile=none <guid> [tempname]``.
-
-    By GUID (the identity), from a stable path: zbackupd's device-mapper mapping over the
-    disk (``devmap``; what lets a pool suspended by a pull resume on the re-plugged disk)
-    or a ``/dev/disk/by-id/`` path (never ``/dev/sdX``, which changes on a re-plug).
-    ``-N`` mounts nothing, no cachefile, and never ``-f``.
-    """
+def _import_device(device: str) -> str:
     if not _IMPORT_PATH_RE.fullmatch(device) or "/../" in device or device.endswith("/.."):
         raise InvalidArgument(
             "device", device, "must be a /dev/disk/by-id/ path or /dev/mapper/zbackupd-*"
         )
-    tail = (names.validate_pool_name(temp_name),) if temp_name is not None else ()
-    return (
-        ZPOOL,
-        "import",
-        "-d",
-        device,
-        "-N",
-        "-o",
-        "cachefile=none",
-        _pool_guid(pool_guid),
-        *tail,
-    )
+    return device
+
+
+def zpool_import(device: str, pool_guid: int, *, temp_name: str | None = None) -> Argv:
+    """``zpool import -d <device> -N -o cachefile=none [-t] <guid> [tempname]``.
+
+    By GUID (the identity), from a stable path: zbackupd's device-mapper mapping over the
+    disk (``devmap``; what lets a pool suspended by a pull resume on the re-plugged disk)
+    or a ``/dev/disk/by-id/`` path (never ``/dev/sdX``, which changes on a re-plug).
+    ``-N`` mounts nothing, no cachefile, and never ``-f``. With ``temp_name`` the pool is
+    imported under that name with ``-t``: the name lasts until the export and is never
+    written to the disk (without ``-t`` a new name is a rename, kept on the disk), so that
+    two disks whose pools share a name can be imported at once.
+    """
+    guid = _pool_guid(pool_guid)
+    tail = (guid,) if temp_name is None else ("-t", guid, names.validate_pool_name(temp_name))
+    return (ZPOOL, "import", "-d", _import_device(device), "-N", "-o", "cachefile=none", *tail)
+
+
+def zpool_import_listing(device: str) -> Argv:
+    """``zpool import -d <device>``: the pools offered for import there, each with its
+    name as written on the disk and its GUID (``parse.parse_import_listing``); imports
+    nothing."""
+    return (ZPOOL, "import", "-d", _import_device(device))
 
 
 def zpool_export(pool: str) -> Argv:
@@ -915,6 +920,11 @@ def zpool_list(pools: Iterable[str] = ()) -> Argv:
         POOL_LIST_FIELDS,
         *(names.validate_pool_name(pool) for pool in pools),
     )
+
+
+def zpool_status_paths(pool: str) -> Argv:
+    """``zpool status -P <pool>``: the vdevs with their full device paths."""
+    return (ZPOOL, "status", "-P", names.validate_pool_name(pool))
 
 
 def zpool_get(pool: str, properties: Iterable[str]) -> Argv:

@@ -132,6 +132,24 @@ class Zfs:
         """Import the pool with ``pool_guid`` from a by-id partition, mounting nothing."""
         await self._run(zargv.zpool_import(device, pool_guid, temp_name=temp_name))
 
+    async def importable_pools(self, device: str) -> tuple[parse.ImportablePool, ...]:
+        """The pools ``zpool import -d <device>`` offers, with their on-disk names (none
+        offered: an empty tuple, although zpool then exits 1)."""
+        result = await self._runner.run(
+            zargv.zpool_import_listing(device), timeout=self._timeout, check=False
+        )
+        if result.returncode != 0:
+            if "no pools available to import" in result.stderr:
+                return ()
+            raise parse.classify_error(result.argv, result.returncode, result.stderr)
+        return parse.parse_import_listing(result.text)
+
+    async def pool_vdev_paths(self, pool: str) -> tuple[str, ...]:
+        """The device paths of ``pool``'s vdevs (``zpool status -P``): what it was
+        imported from."""
+        result = await self._run(zargv.zpool_status_paths(pool))
+        return parse.parse_vdev_paths(result.text)
+
     async def create_pool(
         self, pool: str, device: str, key: bytearray, *, force: bool = False
     ) -> None:

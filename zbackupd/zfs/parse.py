@@ -228,6 +228,57 @@ def parse_pool_list(text: str) -> tuple[PoolRow, ...]:
     return tuple(rows)
 
 
+@dataclass(frozen=True, slots=True)
+class ImportablePool:
+    """A pool ``zpool import -d <device>`` offers: its name as written on the disk (the
+    name a temporary import name hides), its GUID and its state."""
+
+    name: str
+    guid: int
+    state: str
+
+
+def parse_import_listing(text: str) -> tuple[ImportablePool, ...]:
+    """``zpool import -d <device>`` (no pool argument): one block per pool, opened by
+    ``pool: <name>`` and followed by ``id: <guid>`` and ``state: <state>`` lines
+    (tests/data/zfs-output/zpool-import-list.stdout). A pool without an id is an error:
+    the GUID is what proves the pool."""
+    pools: list[ImportablePool] = []
+    name: str | None = None
+    guid: int | None = None
+    state = ""
+
+    def close_block(line: str) -> None:
+        if name is None:
+            return
+        if guid is None:
+            raise ParseError("import listing", line, f"pool {name!r} has no 'id:' line")
+        pools.append(ImportablePool(name, guid, state))
+
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(": ")
+        if key == "pool":
+            close_block(line)
+            name, guid, state = value.strip(), None, ""
+        elif key == "id" and name is not None:
+            guid = _integer("import listing", line, value.strip())
+        elif key == "state" and name is not None:
+            state = value.strip()
+    close_block(text[-200:])
+    return tuple(pools)
+
+
+def parse_vdev_paths(text: str) -> tuple[str, ...]:
+    """The device paths in ``zpool status -P <pool>``'s config section (the vdev lines
+    whose name is an absolute path; tests/data/zfs-output/zpool-status-P-online.stdout)."""
+    paths = []
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0].startswith("/"):
+            paths.append(fields[0])
+    return tuple(paths)
+
+
 # -- stderr → typed errors -----------------------------------------------------------
 #
 # Messages as OpenZFS 2.3 prints them, from:
