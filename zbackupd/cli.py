@@ -111,9 +111,10 @@ def _status(args: argparse.Namespace) -> int:
     daemon does now when it runs; the exit code says whether all is well (core.report)."""
     import time
 
-    from zbackupd.core.report import disk_reports, exit_code, render_table, reports_as_dict
+    from zbackupd.core.report import exit_code, render_table, reports_as_dict
     from zbackupd.service.control import DaemonNotRunning, request
-    from zbackupd.service.store import StateStore, run_outcome
+    from zbackupd.service.monitor import reports_from_store
+    from zbackupd.service.store import StateStore
 
     config = _load(args)
     try:
@@ -123,15 +124,7 @@ def _status(args: argparse.Namespace) -> int:
     except DaemonNotRunning as error:
         live, why = None, str(error)
     store = StateStore(config.daemon.state_dir)
-    last_runs = store.last_runs()
-    successes = {disk.label: store.last_success(disk.label) for disk in config.disks}
-    reports = disk_reports(
-        [disk.identity for disk in config.disks],
-        {label: run_outcome(record) for label, record in last_runs.items()},
-        {label: run_outcome(record) for label, record in successes.items() if record},
-        now=time.time(),
-        stale_after_days=config.daemon.stale_disk_warning_days,
-    )
+    reports = reports_from_store(config, store, time.time())
     live_disks = {disk["label"]: disk for disk in (live or {}).get("disks", [])}
     summary = live["summary"] if live else f"daemon not running ({why}); from {store.path}"
     if args.json:

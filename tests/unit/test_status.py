@@ -90,3 +90,11 @@ def test_refused_unlock_is_shown_while_locked() -> None:
         "locked: disk offsite-a waits — run `zbackupd unlock`; " + notice
     )
     assert "wrong passphrase" not in status_line(DaemonStatus(locked=False, notice=notice))
+
+
+def test_a_stale_disk_is_named_in_the_status_line_whatever_else_happens() -> None:
+    status = DaemonStatus(locked=False, stale=("offsite-b: no backup for 20 days",))
+    assert status_line(status) == (
+        "idle, waiting for a disk; stale: offsite-b: no backup for 20 days"
+    )
+    assert as_dict(status)["stale"] == ["offsite-b: no backup for 20 days"]

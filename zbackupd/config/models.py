@@ -238,10 +238,34 @@ class DaemonSettings(_Model):
         return self
 
 
+AlertEventName = Literal["failure", "stale", "success"]
+
+
+def _absolute_program(argv: tuple[str, ...]) -> tuple[str, ...]:
+    if not argv[0].startswith("/"):
+        raise ValueError(
+            f"the program {argv[0]!r} must be an absolute path (the daemon's PATH is not yours)"
+        )
+    return argv
+
+
+class Alerts(_Model):
+    """``[alerts]``: a program run when a disk's run fails, when a disk turns stale, and
+    (if listed in ``on``) after a good run; the facts arrive in ``ZBACKUPD_*`` variables
+    and as JSON on its stdin."""
+
+    command: (
+        Annotated[tuple[str, ...], Field(min_length=1), AfterValidator(_absolute_program)] | None
+    ) = None
+    on: Annotated[tuple[AlertEventName, ...], AfterValidator(unique)] = ("failure", "stale")
+    timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+
 class Config(_Model):
     """The whole ``zbackupd.toml``."""
 
     daemon: DaemonSettings = DaemonSettings()
+    alerts: Alerts = Alerts()
     retention: Retention = Retention()
     sources: tuple[Source, ...] = Field(min_length=1)
     disks: tuple[Disk, ...] = ()

@@ -63,6 +63,8 @@ class DaemonStatus:
     locked: bool = True
     disks: tuple[DiskStatus, ...] = field(default_factory=tuple)
     notice: str = ""  # e.g. a refused unlock: shown while it matters (locked)
+    #: disks with no success for too long: ``offsite-b: no backup for 20 days``
+    stale: tuple[str, ...] = ()
 
     def with_disk(self, disk: DiskStatus) -> DaemonStatus:
         others = tuple(d for d in self.disks if d.label != disk.label)
@@ -145,6 +147,7 @@ def status_line(status: DaemonStatus) -> str:
         parts.append(f"{state}{' — last: ' + last if last else ''}")
     elif status.locked and not waiting:
         parts.insert(0, "locked")
+    parts.extend(f"stale: {note}" for note in status.stale)
     return "; ".join(parts)
 
 
@@ -153,6 +156,7 @@ def as_dict(status: DaemonStatus) -> dict[str, Any]:
     return {
         "locked": status.locked,
         "notice": status.notice,
+        "stale": list(status.stale),
         "summary": status_line(status),
         "disks": [
             {

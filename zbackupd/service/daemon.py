@@ -47,6 +47,7 @@ from zbackupd.keys.sshkey import load_identity
 from zbackupd.server import remote
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
+from zbackupd.service.monitor import Monitor
 from zbackupd.service.notify import Notifier
 from zbackupd.service.pool import revive_pool, temporary_pool_name
 from zbackupd.service.session import Session
@@ -109,6 +110,7 @@ class Daemon:
         power: DiskPower | None = None,
         device_mapper: DeviceMapper | None = None,
         watchdog_interval: float | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.config = config
         self._zfs = zfs
@@ -121,6 +123,8 @@ class Daemon:
         #: Pools are imported through a mapping per disk (``devmap``); None: directly.
         self._device_mapper = device_mapper
         self._watchdog_interval = watchdog_interval
+        #: Metrics file, stale warnings, alert hook: after each run, on unlock, hourly.
+        self._monitor = monitor or Monitor(config, store)
         self._master: MasterKey | None = None
         self._client_key: asyncssh.SSHKey | None = None
         self._status = DaemonStatus(locked=True)
@@ -425,6 +429,7 @@ class Daemon:
                 record = await session.run()
             self._store.record_run(record)
             self._session_report(session.status)
+            self._set_stale(await self._monitor.after_run(record, locked=self._status.locked))
             log.info(f"run finished: {record.summary}, {record.bytes_sent} bytes sent",
                      disk=disk.serial, run_id=session.run_id, ok=record.ok,
                      summary=record.summary, bytes_sent=record.bytes_sent)
@@ -432,6 +437,11 @@ class Daemon:
             self._watcher.end_session(disk.identity)
 
     # -- main loop -----------------------------------------------------------------------
+
+    def _set_stale(self, notes: tuple[str, ...]) -> None:
+        if notes != self._status.stale:
+            self._status = replace(self._status, stale=notes)
+            self._publish()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -455,12 +465,15 @@ class Daemon:
         try:
             await self._unlock_from_credential()
             self._watcher.start()
+            monitor = asyncio.create_task(
+                self._monitor.watch(lambda: self._status.locked, self._set_stale))
             self._notifier.ready(status_line(self._status))
             log.info("zbackupd ready", disks=[d.label for d in self.config.disks])
             await self._stopping.wait()
             self._notifier.stopping("stopping: aborting transfers and exporting pools")
             log.info("stopping")
             self._watcher.stop()
+            monitor.cancel()
             tasks = [*self._sessions.values(), *self._recoveries.values()]
             for task in tasks:
                 task.cancel()
