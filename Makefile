@@ -102,6 +102,7 @@ check: host-deps fast vm-test
 # same run, and the ratio; none asserts on time.
 bench: venv host-deps
 	$(BIN)/python -m benchmarks.bench_plan
+	$(BIN)/python -m benchmarks.bench_gate
 	$(BIN)/python -m benchmarks.bench_transfer --rounds 5
 
 demo: venv host-deps
