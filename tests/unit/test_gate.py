@@ -924,7 +924,8 @@ def test_the_gate_accepts_every_command_the_daemon_builds(
     command: tuple[tuple[str, ...], str],
 ) -> None:
     built, prefix = command
-    config = gate.GateConfig(roots=ROOTS, prefix=prefix)
+    # The daemon holds the reused snapshots it sends: the gate config names their pattern.
+    config = gate.GateConfig(roots=ROOTS, prefix=prefix, hold_patterns=("*",))
     decision = gate.decide(shlex.join(built), config, PLAIN_SERVER)
     assert isinstance(decision, gate.Accepted), decision
     assert decision.command.argv == built
@@ -1309,3 +1310,67 @@ def test_the_fuzz_reaches_both_sides_of_the_gate() -> None:
     rng = random.Random(2025)  # noqa: S311 -- test input generation, not a secret
     outcomes = [check_fuzzed(*fuzzed_command_line(rng)) for _ in range(2_000)]
     assert 0 < sum(outcomes) < len(outcomes)
+
+
+# -- per-client scope: one key acts for its own disks, holds pin only what it may -------
+
+SCOPED = gate.GateConfig(roots=ROOTS, labels=("offsite-a",), hold_patterns=("autosnap_*",))
+SANOID = "tank/data@autosnap_2025-01-01_00:00:00_daily"
+USERS = "tank/data@before-upgrade"
+
+
+def test_holds_pin_only_own_run_snapshots_or_the_configured_reuse_patterns() -> None:
+    accepted(f"zfs hold zbackupd_offsite-a {SNAP}", SCOPED)
+    accepted(f"zfs hold zbackupd_offsite-a {SANOID}", SCOPED)
+    assert "may not be held" in refused(f"zfs hold zbackupd_offsite-a {USERS}", SCOPED)
+    assert "may not be held" in refused(f"zfs hold zbackupd_offsite-a {SNAP} {USERS}", SCOPED)
+    # Without hold_patterns, only zbackupd's own run snapshots may be held.
+    assert "may not be held" in refused(f"zfs hold zbackupd_x {SANOID}")
+    # Releasing is always allowed for an own tag: a stale hold must be removable.
+    accepted(f"zfs release zbackupd_offsite-a {USERS}", SCOPED)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "zfs hold zbackupd_offsite-b " + SNAP,
+        "zfs release zbackupd_offsite-b " + SNAP,
+        f"zfs bookmark {SNAP} tank/data#zbackupd_offsite-b:7",
+        "zfs destroy tank/data#zbackupd_offsite-b",
+        "zfs destroy tank/data#zbackupd_offsite-b:7",
+    ],
+)
+def test_a_key_scoped_to_its_labels_cannot_touch_another_disks_holds_or_cursors(
+    command: str,
+) -> None:
+    assert "offsite-b" in refused(command, SCOPED)
+    assert isinstance(gate.decide(command, CONFIG, PLAIN_SERVER), gate.Accepted)
+
+
+def test_the_own_disks_cursors_and_holds_pass_the_scope() -> None:
+    accepted(f"zfs bookmark {SNAP} tank/data#zbackupd_offsite-a:7", SCOPED)
+    accepted("zfs destroy tank/data#zbackupd_offsite-a", SCOPED)
+    accepted(f"zfs release zbackupd_offsite-a {SNAP}", SCOPED)
+
+
+def test_too_many_names_in_one_command_are_refused() -> None:
+    config = gate.GateConfig(roots=ROOTS, max_names=3)
+    snaps = [f"tank/data@zbackupd_2025010{d}T000000Z" for d in range(1, 5)]
+    accepted(f"zfs holds -H -p {' '.join(snaps[:3])}", config)
+    assert "too many names" in refused(f"zfs holds -H -p {' '.join(snaps)}", config)
+    destroy_set = "tank/data@" + ",".join(s.partition("@")[2] for s in snaps)
+    assert "too many names" in refused(f"zfs destroy {destroy_set}", config)
+
+
+def test_scope_keys_are_read_and_checked() -> None:
+    text = 'roots = ["tank"]\nlabels = ["offsite-a"]\nhold_patterns = ["autosnap_*"]\n' \
+           "max_names = 50\n"
+    config = gate_config.parse_config(text, "g.toml")
+    assert (config.labels, config.hold_patterns, config.max_names) == (
+        ("offsite-a",), ("autosnap_*",), 50)
+    with pytest.raises(gate.GateConfigError) as caught:
+        gate_config.parse_config(
+            'roots = ["tank"]\nlabels = ["bad label"]\nhold_patterns = [""]\nmax_names = 0\n',
+            "g.toml")
+    assert {key for key, _ in caught.value.problems} == {"labels[0]", "hold_patterns[0]",
+                                                         "max_names"}

@@ -119,6 +119,12 @@ def split_command(original_command: str | None) -> tuple[str, ...] | Refused:
 
 def _policy_refusal(command: RemoteCommand, config: GateConfig) -> str:
     """Why the configuration forbids an otherwise well-formed command; empty if it does not."""
+    count = sum(1 + word.count(",") for word in command.argv[2:] if not word.startswith("-"))
+    if count > config.max_names:
+        return f"too many names in one command ({count} > max_names = {config.max_names})"
+    scope = _scope_refusal(command, config)
+    if scope:
+        return scope
     if command.kind is RemoteKind.SNAPSHOT and not config.allow_snapshot:
         return "creating snapshots is not allowed (allow_snapshot = false)"
     if command.kind is RemoteKind.DESTROY and not config.allow_destroy:
@@ -127,6 +133,33 @@ def _policy_refusal(command: RemoteCommand, config: GateConfig) -> str:
         why_not_raw = _why_not_raw(command)
         if why_not_raw:
             return f"{why_not_raw} (require_raw = true)"
+    return ""
+
+
+def _scope_refusal(command: RemoteCommand, config: GateConfig) -> str:
+    """Holds only on own run snapshots or ``hold_patterns``; with ``labels``, the holds,
+    releases and cursors of those disks only."""
+    argv = command.argv
+    if command.kind in (RemoteKind.HOLD, RemoteKind.RELEASE) and config.labels:
+        mine = {names.hold_tag(label, config.prefix) for label in config.labels}
+        if argv[2] not in mine:
+            return f"hold tag {argv[2]} is not one of this key's disks ({', '.join(mine)})"
+    if command.kind is RemoteKind.HOLD:
+        import fnmatch  # noqa: PLC0415 -- imported when used: the gate's start-up time counts
+
+        for snapshot in argv[3:]:
+            short = snapshot.partition("@")[2]
+            if not names.is_own_snapshot(short, config.prefix) and not any(
+                fnmatch.fnmatchcase(short, pattern) for pattern in config.hold_patterns
+            ):
+                return (f"{snapshot} may not be held: not a zbackupd run snapshot and not in "
+                        "hold_patterns")
+    cursor = argv[3] if command.kind is RemoteKind.BOOKMARK else argv[2]
+    if config.labels and command.kind in (RemoteKind.BOOKMARK, RemoteKind.DESTROY) \
+            and "#" in cursor:
+        label = names.cursor_label(cursor, config.prefix)
+        if label not in config.labels:
+            return f"bookmark {cursor} is another disk's ({label}): not this key's"
     return ""
 
 

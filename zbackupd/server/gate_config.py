@@ -8,7 +8,7 @@ read: the gate's start-up time counts on every command).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from zbackupd.core.values import Record
 from zbackupd.errors import PermanentError
@@ -46,6 +46,13 @@ class GateConfigError(PermanentError):
         super().__init__(f"invalid gate configuration {path}: {listed}")
 
 
+#: Names one command may carry unless ``max_names`` says otherwise: far above what the
+#: daemon sends (its snapshot batches stop at 128 KiB of command line), far below what
+#: would let one command keep the server busy for long.
+DEFAULT_MAX_NAMES = 10_000
+_HOLD_PATTERN_RE = re.compile(r"[A-Za-z0-9_.:*?\[\]-]{1,255}")
+
+
 class GateConfig(Record):
     """What the gate allows: datasets under ``roots``, and which kinds of writes.
 
@@ -54,9 +61,16 @@ class GateConfig(Record):
     (moving a cursor destroys the old bookmark).
     ``require_raw``: refuse every send that is not raw (``-w``, or a resume token of a
     raw send): only for servers whose datasets are all encrypted.
+    ``labels``: the disks this key acts for; empty: any. With labels, holds, releases
+    and cursor bookmarks of other disks are refused (one backup host cannot release
+    another's holds or move its cursors).
+    ``hold_patterns``: snapshot short names (globs) that may be held besides zbackupd's
+    own run snapshots, for ``snapshots = "reuse"`` (e.g. ``autosnap_*_daily``).
+    ``max_names``: the most snapshot/dataset names one command may carry.
     """
 
-    __slots__ = ("allow_destroy", "allow_snapshot", "prefix", "require_raw", "roots", "zfs")
+    __slots__ = ("allow_destroy", "allow_snapshot", "hold_patterns", "labels", "max_names",
+                 "prefix", "require_raw", "roots", "zfs")
     roots: tuple[str, ...]
     allow_snapshot: bool
     allow_destroy: bool
@@ -64,6 +78,9 @@ class GateConfig(Record):
     prefix: str
     #: An absolute path, or a bare name looked up in ``SAFE_PATH`` only.
     zfs: str
+    labels: tuple[str, ...]
+    hold_patterns: tuple[str, ...]
+    max_names: int
 
     def __init__(
         self,
@@ -74,6 +91,9 @@ class GateConfig(Record):
         require_raw: bool = False,
         prefix: str = names.DEFAULT_PREFIX,
         zfs: str = "zfs",
+        labels: tuple[str, ...] = (),
+        hold_patterns: tuple[str, ...] = (),
+        max_names: int = DEFAULT_MAX_NAMES,
     ) -> None:
         self._init(
             roots=roots,
@@ -82,12 +102,17 @@ class GateConfig(Record):
             require_raw=require_raw,
             prefix=prefix,
             zfs=zfs,
+            labels=labels,
+            hold_patterns=hold_patterns,
+            max_names=max_names,
         )
 
 
 _DEFAULTS = GateConfig(roots=())
 _BOOLEAN_KEYS = ("allow_snapshot", "allow_destroy", "require_raw")
-_KNOWN_KEYS = frozenset({"roots", "prefix", "zfs", *_BOOLEAN_KEYS})
+_KNOWN_KEYS = frozenset(
+    {"roots", "prefix", "zfs", "labels", "hold_patterns", "max_names", *_BOOLEAN_KEYS}
+)
 
 
 def parse_config(text: str, path: str) -> GateConfig:
@@ -106,6 +131,12 @@ def parse_config(text: str, path: str) -> GateConfig:
     flags = {key: _parse_bool(raw, key, problems) for key in _BOOLEAN_KEYS}
     prefix = _parse_prefix(raw.get("prefix", _DEFAULTS.prefix), problems)
     zfs = _parse_zfs(raw.get("zfs", _DEFAULTS.zfs), problems)
+    labels = _parse_strings(raw, "labels", names.validate_disk_label, problems)
+    hold_patterns = _parse_strings(raw, "hold_patterns", _validate_hold_pattern, problems)
+    max_names = raw.get("max_names", DEFAULT_MAX_NAMES)
+    if isinstance(max_names, bool) or not isinstance(max_names, int) or max_names < 1:
+        problems.append(("max_names", f"must be a whole number >= 1, not {max_names!r}"))
+        max_names = DEFAULT_MAX_NAMES
     if problems:
         raise GateConfigError(path, problems)
     return GateConfig(
@@ -115,7 +146,39 @@ def parse_config(text: str, path: str) -> GateConfig:
         require_raw=flags["require_raw"],
         prefix=prefix,
         zfs=zfs,
+        labels=labels,
+        hold_patterns=hold_patterns,
+        max_names=max_names,
     )
+
+
+def _validate_hold_pattern(pattern: str) -> str:
+    if not _HOLD_PATTERN_RE.fullmatch(pattern):
+        raise names.InvalidName("hold pattern", pattern,
+                                "must be a snapshot-name glob of [A-Za-z0-9_.:-*?[]]")
+    return pattern
+
+
+def _parse_strings(
+    raw: Mapping[str, object],
+    key: str,
+    validate: Callable[[str], str],
+    problems: list[tuple[str, str]],
+) -> tuple[str, ...]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        problems.append((key, "must be a list of strings"))
+        return ()
+    good: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            problems.append((f"{key}[{index}]", f"must be a string, not {type(item).__name__}"))
+            continue
+        try:
+            good.append(validate(item))
+        except names.InvalidName as error:
+            problems.append((f"{key}[{index}]", str(error)))
+    return tuple(dict.fromkeys(good))
 
 
 def load_config(path: str) -> GateConfig:
