@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 from zbackupd.errors import CommandError, PermanentError, TransientError
 from zbackupd.zfs.runner import CommandResult, CommandTimeout, Runner
@@ -34,6 +35,13 @@ DMSETUP_TIMEOUT_SECONDS = 30.0
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,100}$")
 
 Argv = tuple[str, ...]
+
+
+class Logger(Protocol):
+    """What ``repoint_disk`` needs of a structlog logger."""
+
+    def info(self, event: str, **fields: Any) -> Any: ...
+    def warning(self, event: str, **fields: Any) -> Any: ...
 
 
 class DeviceMapperError(TransientError):
@@ -170,6 +178,7 @@ class DeviceMapper:
         await self.repoint(name, device)
         return True
 
+
     async def _swap(self, name: str, table: str) -> None:
         await self._run("suspending the mapping", suspend_argv(name))
         try:
@@ -183,3 +192,17 @@ class DeviceMapper:
         if not await self.exists(name):
             return
         await self._run("removing the mapping", remove_argv(name))
+
+
+async def repoint_disk(mapper: DeviceMapper, label: str, device: str, log: Logger) -> bool:
+    """The disk ``label`` is back as ``device``: point its mapping there, logging what
+    happened; a failure is only a warning (the pool may then need a restart)."""
+    try:
+        mapped = await mapper.repoint_if_mapped(mapping_name(label), device)
+    except DeviceMapperError as error:
+        log.warning("re-pointing the mapping failed: the pool may need a restart",
+                    disk_label=label, error=str(error))
+        return False
+    if mapped:
+        log.info("mapping re-pointed at the re-plugged disk", disk_label=label, device=device)
+    return mapped

@@ -29,7 +29,7 @@ from zbackupd.core.status import (
     keep_history,
     status_line,
 )
-from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapping_name
+from zbackupd.disk.devmap import DeviceMapper, repoint_disk
 from zbackupd.disk.power import DiskPower
 from zbackupd.disk.udev import (
     Candidate,
@@ -374,18 +374,9 @@ class Daemon:
     async def _repoint_mapping(self, disk: Disk, event: DiskEvent) -> None:
         """Put the re-plugged disk back under its pool's mapping; the revive's ``zpool
         clear`` then resumes the pool's I/O on it."""
-        if self._device_mapper is None or not event.import_path:
-            return
-        try:
-            mapped = await self._device_mapper.repoint_if_mapped(
-                mapping_name(disk.label), event.import_path)
-        except DeviceMapperError as error:
-            log.warning("re-pointing the mapping failed: the pool may need a restart",
-                        disk=disk.serial, disk_label=disk.label, error=str(error))
-            return
-        if mapped:
-            log.info("mapping re-pointed at the re-plugged disk", disk=disk.serial,
-                     disk_label=disk.label, device=event.import_path)
+        if self._device_mapper is not None and event.import_path:
+            await repoint_disk(self._device_mapper, disk.label, event.import_path,
+                              log.bind(disk=disk.serial))
 
     # -- sessions ------------------------------------------------------------------------
 

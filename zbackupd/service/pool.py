@@ -17,7 +17,13 @@ from structlog.typing import FilteringBoundLogger
 
 from zbackupd.config import Disk
 from zbackupd.core.status import Phase
-from zbackupd.disk.devmap import DeviceMapper, DeviceMapperError, mapped_path, mapping_name
+from zbackupd.disk.devmap import (
+    DeviceMapper,
+    DeviceMapperError,
+    mapped_path,
+    mapping_name,
+    repoint_disk,
+)
 from zbackupd.disk.power import DiskGone, PoweredOff
 from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.keys.secret import wipe
@@ -288,18 +294,10 @@ class DiskPool:
 
     async def repoint_mapping(self) -> None:
         """The disk is back under a new device node: point its mapping there."""
-        if self._device_mapper is None:
-            return
-        try:
-            mapped = await self._device_mapper.repoint_if_mapped(
-                mapping_name(self.disk.label), self.import_device)
-        except DeviceMapperError as error:
-            self._log.warning("re-pointing the mapping failed", error=str(error))
-            return
-        if not mapped:
-            return
-        self._mapped = True
-        self._log.info("mapping re-pointed at the re-plugged disk", device=self.import_device)
+        if self._device_mapper is not None and await repoint_disk(
+            self._device_mapper, self.disk.label, self.import_device, self._log
+        ):
+            self._mapped = True
 
     async def unmap(self) -> None:
         """Remove the mapping once the pool is exported (or was never imported)."""
