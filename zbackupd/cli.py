@@ -96,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         watcher_factory=lambda on_match: UdevWatcher(known, on_match),
         device_mapper=DeviceMapper(runner),
         watchdog_interval=interval,
+        config_loader=lambda: _load(args),
     )
     control = ControlServer(
         config.daemon.control_socket,

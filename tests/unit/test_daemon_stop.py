@@ -22,7 +22,11 @@ BOUND = 5.0
 
 
 def config(tmp_path: Path) -> Config:
-    return parse_config(f"""
+    return parse_config(config_text(tmp_path), source="test.toml")
+
+
+def config_text(tmp_path: Path) -> str:
+    return f"""
 [daemon]
 state_dir = "{tmp_path / 'state'}"
 keys_dir = "{tmp_path / 'keys'}"
@@ -42,7 +46,7 @@ label = "offsite-a"
 serial = "S1"
 pool_guid = "11856427362548921357"
 pool_name = "zbackup"
-""", source="test.toml")
+"""
 
 
 class KeyStore:
@@ -83,7 +87,7 @@ class Control:
     async def close(self) -> None: ...
 
 
-def make_daemon(tmp_path: Path) -> tuple[Daemon, KeyStore, MasterKey]:
+def make_daemon(tmp_path: Path, **extra: Any) -> tuple[Daemon, KeyStore, MasterKey]:
     cfg = config(tmp_path)
     master = MasterKey(SecretBytes(b"\x07" * MASTER_KEY_BYTES))
     with master.ssh_passphrase() as passphrase:
@@ -96,7 +100,7 @@ def make_daemon(tmp_path: Path) -> tuple[Daemon, KeyStore, MasterKey]:
         keystore=keystore,  # type: ignore[arg-type]  # a stand-in with the same unlock()
         store=StateStore(cfg.daemon.state_dir),
         notifier=NullNotifier(),
-        watcher_factory=lambda on_match: Watcher(),
+        **{"watcher_factory": lambda on_match: Watcher(), **extra},
     )
     return daemon, keystore, master
 

@@ -234,6 +234,9 @@ class DiskTracker:
     def known(self) -> tuple[DiskIdentity, ...]:
         return self._known
 
+    def set_known(self, known: Sequence[DiskIdentity]) -> None:
+        self._known = tuple(known)
+
     def begin_session(self, disk: DiskIdentity) -> None:
         self._in_session.add(disk)
 

@@ -168,6 +168,10 @@ class UdevWatcher:
     def end_session(self, disk: DiskIdentity) -> None:
         self._tracker.end_session(disk)
 
+    def set_known(self, known: Sequence[DiskIdentity]) -> None:
+        """A reloaded config's disks: events from now on are matched against these."""
+        self._tracker.set_known(known)
+
     @property
     def running(self) -> bool:
         return self._fd is not None

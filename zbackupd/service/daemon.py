@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Protocol
 
-import asyncssh
 import structlog
 
 from zbackupd.config import Config, Disk, Source
@@ -40,13 +37,13 @@ from zbackupd.disk.udev import (
     Removed,
     SerialMismatch,
 )
-from zbackupd.errors import PermanentError, TransientError, ZbackupdError
-from zbackupd.keys.derivation import KeyStore, MasterKey, WrongPassphrase
-from zbackupd.keys.secret import SecretBytes, read_secret
-from zbackupd.keys.sshkey import load_identity
+from zbackupd.errors import ZbackupdError
+from zbackupd.keys.derivation import KeyStore, WrongPassphrase
+from zbackupd.keys.secret import SecretBytes
 from zbackupd.server import remote
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
+from zbackupd.service.keyring import Keyring, read_credential
 from zbackupd.service.monitor import Monitor
 from zbackupd.service.notify import Notifier
 from zbackupd.service.pool import revive_pool, temporary_pool_name
@@ -58,7 +55,6 @@ from zbackupd.zfs.runner import Runner
 log = structlog.get_logger(__name__)
 
 #: The file systemd puts the passphrase credential in (``LoadCredential[Encrypted]=``).
-CREDENTIAL_NAME = "zbackupd-passphrase"
 #: How long recovery of a suspended pool may wait for the stuck session to end.
 RECOVERY_WAIT_SECONDS = 300.0
 #: After a revival, how long the stuck session gets to move before the next try.
@@ -81,17 +77,17 @@ class Watcher(Protocol):
 
     def end_session(self, disk: Any) -> None: ...
 
-
-class AlreadyUnlocked(PermanentError):
-    def __init__(self) -> None:
-        super().__init__("already unlocked")
+    def set_known(self, known: tuple[Any, ...]) -> None: ...
 
 
-class DaemonStopping(TransientError):
-    """An unlock that arrives, or finishes, while the daemon stops: its key is not kept."""
+#: What a reload cannot change: the keys, the identity and the state live there.
+_RESTART_KEYS = ("state_dir", "keys_dir", "ssh_key_file", "control_socket")
 
-    def __init__(self) -> None:
-        super().__init__("the daemon is stopping: unlock refused, no key kept")
+
+def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
+    """The ``[daemon]`` keys that differ and need a restart to change."""
+    return tuple(f"daemon.{key}" for key in _RESTART_KEYS
+                 if getattr(old.daemon, key) != getattr(new.daemon, key))
 
 
 class Daemon:
@@ -111,11 +107,11 @@ class Daemon:
         device_mapper: DeviceMapper | None = None,
         watchdog_interval: float | None = None,
         monitor: Monitor | None = None,
+        config_loader: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self._zfs = zfs
         self._runner = runner
-        self._keystore = keystore
         self._store = store
         self._notifier = notifier
         self._watcher = watcher_factory(self._on_match)
@@ -125,8 +121,8 @@ class Daemon:
         self._watchdog_interval = watchdog_interval
         #: Metrics file, stale warnings, alert hook: after each run, on unlock, hourly.
         self._monitor = monitor or Monitor(config, store)
-        self._master: MasterKey | None = None
-        self._client_key: asyncssh.SSHKey | None = None
+        #: Reads the config file again on SIGHUP (``systemctl reload``); None: no reload.
+        self._config_loader = config_loader
         self._status = DaemonStatus(locked=True)
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._active: dict[str, Session] = {}  # the Session behind each task in _sessions
@@ -138,7 +134,8 @@ class Daemon:
         self._pulled: set[str] = set()
         self._waiting: dict[str, DiskEvent] = {}
         self._stopping = asyncio.Event()
-        self._unlock_lock = asyncio.Lock()
+        #: The unlocked keys, in memory only.
+        self._keys = Keyring(keystore, stopping=self._stopping)
         for label, record in store.last_runs().items():
             disk = config.disk_by_label(label)
             if disk is not None:
@@ -172,34 +169,17 @@ class Daemon:
 
     async def handle_unlock(self, passphrase: SecretBytes) -> dict[str, Any]:
         """Derive the keys (off the loop), decrypt the SSH key, then start waiting disks."""
-        async with self._unlock_lock:
-            if self._master is not None:
-                raise AlreadyUnlocked
-            if self._stopping.is_set():
-                raise DaemonStopping
-            try:
-                master = await self._keystore.unlock(passphrase)
-            except WrongPassphrase:
-                when = time.strftime("%H:%M")
-                self._status = replace(
-                    self._status,
-                    notice=f"unlock refused at {when}: wrong passphrase — no disk was touched",
-                )
-                log.warning("unlock refused: wrong passphrase")
-                self._publish()
-                raise
-            try:
-                with master.ssh_passphrase() as ssh_passphrase:
-                    client_key = await asyncio.to_thread(
-                        load_identity, self.config.daemon.ssh_key_file, ssh_passphrase
-                    )
-            except ZbackupdError:
-                master.wipe()
-                raise
-            if self._stopping.is_set():  # the stop wiped the keys while we derived this one
-                master.wipe()
-                raise DaemonStopping
-            self._master, self._client_key = master, client_key
+        try:
+            await self._keys.unlock(passphrase, self.config.daemon.ssh_key_file)
+        except WrongPassphrase:
+            when = time.strftime("%H:%M")
+            self._status = replace(
+                self._status,
+                notice=f"unlock refused at {when}: wrong passphrase — no disk was touched",
+            )
+            log.warning("unlock refused: wrong passphrase")
+            self._publish()
+            raise
         self._status = replace(self._status, locked=False, notice="")
         log.info("unlocked")
         self._publish()
@@ -211,39 +191,23 @@ class Daemon:
         return as_dict(self._status)
 
     async def _unlock_from_credential(self) -> None:
-        """Unattended mode: a systemd credential holds the passphrase (maybe TPM2-sealed)."""
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
+        credential = read_credential()
+        if credential is None:
             return
-        path = Path(directory) / CREDENTIAL_NAME
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            passphrase: SecretBytes = read_secret(fd, source=str(path))
-        finally:
-            os.close(fd)
+        passphrase, path = credential
         try:
             await self.handle_unlock(passphrase)
-            log.info("unlocked from credential", credential=str(path))
+            log.info("unlocked from credential", credential=path)
         except ZbackupdError as error:
-            log.error("unlock from credential failed", credential=str(path), error=str(error))
+            log.error("unlock from credential failed", credential=path, error=str(error))
         finally:
             passphrase.wipe()
 
     def _pool_key(self, disk: Disk) -> Callable[[], bytearray]:
-        def derive() -> bytearray:
-            if self._master is None:
-                raise PermanentError("locked: the pool key is not available")
-            return self._master.pool_key(disk.label)
-
-        return derive
+        return lambda: self._keys.pool_key(disk.label)
 
     async def _connect(self, source: Source) -> RemoteHost:
-        if self._client_key is None:
-            raise PermanentError("locked: the SSH key is not available")
-        return await remote.connect(remote.SshTarget.from_source(source), self._client_key)
+        return await remote.connect(remote.SshTarget.from_source(source), self._keys.client_key())
 
     # -- udev ----------------------------------------------------------------------------
 
@@ -280,7 +244,7 @@ class Daemon:
                     self._recover(disk, event, running)
                 )
             return
-        if self._master is None:
+        if not self._keys.unlocked:
             self._waiting[disk.label] = event
             log.info("disk waits for unlock", disk=disk.serial, disk_label=disk.label)
             self._update(DiskStatus(disk.label, disk.serial, Phase.WAITING_FOR_UNLOCK,
@@ -434,6 +398,25 @@ class Daemon:
             self._status = replace(self._status, stale=notes)
             self._publish()
 
+    def reload(self) -> None:
+        """SIGHUP: the new config for what comes next (running sessions keep theirs); a bad
+        one, or one moving the keys or the state, is refused and the running one stays."""
+        if self._config_loader is None:
+            return
+        try:
+            new = self._config_loader()
+        except ZbackupdError as error:
+            log.error(f"configuration reload refused, the running one stays: {error}")
+            return
+        if moved := restart_needed(self.config, new):
+            log.error("configuration reload refused, the running one stays: "
+                      f"{', '.join(moved)} changed (restart zbackupd for that)")
+            return
+        self.config = self._monitor.config = new
+        self._watcher.set_known(tuple(disk.identity for disk in new.disks))
+        log.info(f"configuration reloaded: {len(new.disks)} disk(s), "
+                 f"{len(new.sources)} source(s)", locked=self._status.locked)
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -447,6 +430,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         watchdog = (
             asyncio.create_task(self._watchdog(self._watchdog_interval))
             if self._watchdog_interval
@@ -476,9 +460,7 @@ class Daemon:
         finally:
             # The keys go first: nothing after this line may keep them alive by stalling.
             self._stopping.set()  # an unlock still deriving drops its key (DaemonStopping)
-            if self._master is not None:
-                self._master.wipe()
-            self._client_key = None
+            self._keys.wipe()
             await control.close()
             if watchdog is not None:
                 watchdog.cancel()
