@@ -142,7 +142,7 @@ class ScriptedServer:
         rows = sorted((v for v in versions if wanted(v.dataset)), key=lambda v: v.createtxg)
         return "".join(f"{v.name}\t{v.guid}\t{v.createtxg}\t{v.creation}\n" for v in rows)
 
-    def _answer(self, argv: tuple[str, ...]) -> tuple[int, str, str]:  # noqa: PLR0911 -- one case per verb
+    def _answer(self, argv: tuple[str, ...]) -> tuple[int, str, str]:  # noqa: PLR0911, PLR0912 -- one case per verb
         verb = argv[1]
         if verb == "list" and "filesystem,volume" in argv:
             return 0, self._dataset_rows(argv), ""
@@ -315,9 +315,9 @@ class RoundTripWorld:
         before = len(self.server.commands)
         try:
             for source in self.config.sources_for(run.disk):
-                await run._back_up_source(source)  # noqa: SLF001 -- the source's part alone
+                await run._back_up_source(source)
         finally:
-            run._in_use.release()  # noqa: SLF001 -- as Session.run does when it ends
+            run._in_use.release()
         return self.server.commands[before:], run
 
     def write(self, *datasets: str, size: int = 4096) -> None:

@@ -359,7 +359,8 @@ def test_the_dataset_listing_says_which_are_volumes() -> None:
     argv = zargv.list_datasets(["tank/a"])
     columns = argv[argv.index("-o") + 1].split(",")
     assert columns[:2] == ["name", "type"]
-    rows = parse.parse_datasets("tank/a\tfilesystem\t1\toff\t-\ntank/a/vol\tvolume\t2\toff\t-\n")
+    rows = parse.parse_datasets("tank/a\tfilesystem\t1\toff\t-\t0\n"
+                                "tank/a/vol\tvolume\t2\toff\t-\t4096\n")
     assert [(r.name, r.volume) for r in rows] == [("tank/a", False), ("tank/a/vol", True)]
     assert isinstance(gate.decide(" ".join(argv), gate.GateConfig(roots=("tank/a",)), no_lookup),
                       gate.Accepted)  # fmt: skip
@@ -382,7 +383,7 @@ async def test_a_volume_is_received_without_a_device_node_or_mount_properties() 
 async def test_the_run_snapshot_covers_exactly_the_selected_datasets() -> None:
     events: list[Event] = []
     server = FakeServer(events, datasets="".join(
-        f"{name}\tfilesystem\t{n}\toff\t-\n" for n, name in enumerate(
+        f"{name}\tfilesystem\t{n}\toff\t-\t4096\n" for n, name in enumerate(
             ["tank/a", "tank/a/child", "tank/a/skip", "tank/a/skip/deep", "tank/b",
              "tank/c", "tank/c/child"], start=1)))  # fmt: skip
     registry = InUseRegistry()

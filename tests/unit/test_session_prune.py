@@ -145,7 +145,7 @@ def replication(run: Session, fake: FakeRemote, dataset: SourceDatasetInfo) -> D
 
 async def test_the_run_snapshot_is_registered_before_it_is_taken() -> None:
     registry = InUseRegistry()
-    rows = "".join(f"{ds}\tfilesystem\t{n}\toff\t-\n"
+    rows = "".join(f"{ds}\tfilesystem\t{n}\toff\t-\t4096\n"
                    for n, ds in enumerate(("tank/a", "tank/a/child", "tank/b"), start=1))
     remote = FakeRemote(registry, {"list": (0, rows, "")})
     await session(registry).source_run(SOURCE, remote_host(remote)).take_snapshots()

@@ -17,6 +17,7 @@ from typing import Protocol
 from structlog.typing import FilteringBoundLogger
 
 from zbackupd.config import Config, Disk, Source, SourceDataset
+from zbackupd.core import idle
 from zbackupd.core import plan as planner
 from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
 from zbackupd.core.retention import RetentionPolicy, protections, select_for_destroy
@@ -200,6 +201,7 @@ class DatasetReplication:
         outcome = "up to date"
         problem: str | None = None
         final: Snapshot | None = None
+        settled = False  # up to date, cursor at the base: nothing to move or prune
         try:
             for _ in range(MAX_REPLANS):
                 disk, received_as = await self._disk_state()
@@ -216,6 +218,8 @@ class DatasetReplication:
                 dataset_plan.raise_for_conflict()
                 if dataset_plan.is_up_to_date:
                     final = dataset_plan.common_base
+                    settled = outcome == "up to date" and idle.is_settled(dataset_plan,
+                                                                          self._cursors)
                     break
                 try:
                     for step in dataset_plan.transfers:
@@ -229,7 +233,7 @@ class DatasetReplication:
                 final = dataset_plan.final_snapshot
                 if not dataset_plan.replan_after:
                     break
-            if final is not None:
+            if final is not None and not settled:
                 await self._move_cursor(final)
                 await self.prune_server(final)
             self._report(Phase.PRUNING, info.target)
@@ -262,7 +266,14 @@ class DatasetReplication:
         return state, received_as
 
     async def _estimate(self, step: planner.TransferStep) -> int | None:
-        """``zfs send -nvP``: the size for the ETA; a failed estimate only costs the ETA."""
+        """The size for the ETA: from the dataset listing for a one-interval increment to
+        this run's snapshot (``idle.listed_increment_size``), else ``zfs send -nvP``; a
+        failed estimate only costs the ETA."""
+        listed = idle.listed_increment_size(step, self._server_snapshots,
+                                            written=self.info.written,
+                                            run_snapshot=self.info.run_snapshot)
+        if listed is not None:
+            return listed
         try:
             result = await self._remote.run(send_argv(step, self.info.encryption, estimate=True))
         except ZbackupdError as error:
