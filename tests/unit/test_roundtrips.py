@@ -14,8 +14,8 @@ from roundtrip_server import RoundTripWorld
 from zbackupd.core.model import Snapshot
 
 #: The server commands one changed dataset may cost in a run (send, hold, bookmark, old
-#: cursor destroyed, release; stale holds: list, holds; prune: list, holds, destroy).
-PER_CHANGED_DATASET = 10
+#: cursor destroyed, release; the clean-up: list, holds, destroy).
+PER_CHANGED_DATASET = 8
 
 
 def snapshots_taken(commands: list[tuple[str, ...]]) -> list[str]:
