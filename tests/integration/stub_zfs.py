@@ -46,7 +46,7 @@ def _listing(argv: Sequence[str], encrypted: Sequence[str]) -> str:
     if "filesystem,volume" in argv:
         return "".join(
             f"{ds}\tfilesystem\t{guid_of(ds)}\t{_encryption(ds, encrypted)}"
-            f"\t{ds if ds in encrypted else '-'}\n"
+            f"\t{ds if ds in encrypted else '-'}\t4096\n"
             for ds in datasets
         )
     if argv[:4] == ["list", "-H", "-p", "-o"] and argv[4] == "guid":

@@ -1035,7 +1035,7 @@ class Oracle:
                 datasets = tail[depth:]
                 return bool(depth and datasets) and all(map(self.dataset, datasets))
             case ["zfs", "list", "-H", "-p", "-t", "filesystem,volume", "-o", columns, "-r", *ds]:
-                good = columns == "name,type,guid,encryption,encryptionroot"
+                good = columns == "name,type,guid,encryption,encryptionroot,written"
                 return good and bool(ds) and all(map(self.dataset, ds))
             case ["zfs", "holds", "-H", "-p", *snaps]:
                 return bool(snaps) and all(self.snapshot(s) for s in snaps)

@@ -68,8 +68,8 @@ def test_malformed_listing_lines_raise_parse_error_with_the_line(line: str) -> N
 
 def test_dataset_listing_picks_the_send_mode() -> None:
     text = (
-        "tank\tfilesystem\t11\taes-256-gcm\ttank\ntank/plain\tfilesystem\t12\toff\t-\n"
-        "tank/child\tvolume\t13\taes-256-gcm\ttank\n"
+        "tank\tfilesystem\t11\taes-256-gcm\ttank\t0\ntank/plain\tfilesystem\t12\toff\t-\t8192\n"
+        "tank/child\tvolume\t13\taes-256-gcm\ttank\t-\n"
     )
     rows = parse.parse_datasets(text)
     assert [(r.name, r.encryption, r.encryption_root) for r in rows] == [
@@ -79,8 +79,13 @@ def test_dataset_listing_picks_the_send_mode() -> None:
     ]
     assert rows[1].guid == 12
     assert [r.volume for r in rows] == [False, False, True]
+    assert [r.written for r in rows] == [0, 8192, None]
     with pytest.raises(ParseError):
-        parse.parse_datasets("tank/x\tsnapshot\t1\toff\t-\n")
+        parse.parse_datasets("tank/x\tsnapshot\t1\toff\t-\t0\n")
+    with pytest.raises(ParseError):
+        parse.parse_datasets("tank/x\tfilesystem\t1\toff\t-\tmany\n")
+    with pytest.raises(ParseError):
+        parse.parse_datasets("tank/x\tfilesystem\t1\toff\t-\n")
 
 
 def test_holds() -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_session_prune import CONFIG
 
 from zbackupd.config import Config
-from zbackupd.core.model import Encryption
+from zbackupd.core.model import DatasetState, Encryption
 from zbackupd.core.status import DiskStatus, Phase, keep_history
 from zbackupd.disk.devmap import DeviceMapper
 from zbackupd.disk.power import DiskStillInUse
@@ -303,8 +303,9 @@ class _Listing:
             SourceDatasetInfo(name, Encryption.ENCRYPTED, f"zbackupd-offsite-a/backup/{name}",
                               config)
             for name in ("tank/a", "tank/b"))
-        self.snapshots: tuple[object, ...] = ()
-        self.bookmarks: tuple[object, ...] = ()
+
+    def state(self, dataset: str) -> DatasetState:
+        return DatasetState(dataset, ())
 
 
 class _Work:

@@ -359,7 +359,8 @@ def test_the_dataset_listing_says_which_are_volumes() -> None:
     argv = zargv.list_datasets(["tank/a"])
     columns = argv[argv.index("-o") + 1].split(",")
     assert columns[:2] == ["name", "type"]
-    rows = parse.parse_datasets("tank/a\tfilesystem\t1\toff\t-\ntank/a/vol\tvolume\t2\toff\t-\n")
+    rows = parse.parse_datasets("tank/a\tfilesystem\t1\toff\t-\t0\n"
+                                "tank/a/vol\tvolume\t2\toff\t-\t4096\n")
     assert [(r.name, r.volume) for r in rows] == [("tank/a", False), ("tank/a/vol", True)]
     assert isinstance(gate.decide(" ".join(argv), gate.GateConfig(roots=("tank/a",)), no_lookup),
                       gate.Accepted)  # fmt: skip
@@ -382,7 +383,7 @@ async def test_a_volume_is_received_without_a_device_node_or_mount_properties() 
 async def test_the_run_snapshot_covers_exactly_the_selected_datasets() -> None:
     events: list[Event] = []
     server = FakeServer(events, datasets="".join(
-        f"{name}\tfilesystem\t{n}\toff\t-\n" for n, name in enumerate(
+        f"{name}\tfilesystem\t{n}\toff\t-\t4096\n" for n, name in enumerate(
             ["tank/a", "tank/a/child", "tank/a/skip", "tank/a/skip/deep", "tank/b",
              "tank/c", "tank/c/child"], start=1)))  # fmt: skip
     registry = InUseRegistry()
@@ -414,3 +415,24 @@ async def test_this_disks_stale_holds_are_released_in_reuse_mode_too() -> None:
     # Older than what the disk now holds: stale. Another disk's and a newer one stay.
     assert w.server.holds == {(auto[1].name, "zbackupd_offsite-b"), (auto[3].name, TAG)}
     assert not [e for e in w.events if e[1] == "destroy"]
+
+
+async def test_a_stale_hold_on_a_prune_candidate_is_released_then_the_candidate_goes() -> None:
+    """One listing and one ``zfs holds`` serve both: release, then one destroy."""
+    days = [own(day) for day in range(1, 4)]
+    w = world(days)
+    w.server.holds = {(days[0].name, TAG)}
+    await w.replication(info()).prune_server(days[-1])
+    assert [e[1] for e in w.events] == ["list", "holds", "release", "destroy"]
+    assert w.server.holds == set()
+    assert [s.name for s in w.server.snapshots] == [days[-1].name]
+
+
+async def test_a_failed_release_keeps_what_it_was_to_free_and_prunes_the_rest() -> None:
+    days = [own(day) for day in range(1, 4)]
+    w = world(days)
+    w.server.holds = {(days[0].name, TAG)}
+    w.server.fail = {"release"}
+    await w.replication(info()).prune_server(days[-1])
+    destroyed = [e[2] for e in w.events if e[1] == "destroy"]
+    assert destroyed == [f"tank/a@{days[1].short_name}"]

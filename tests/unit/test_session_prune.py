@@ -145,7 +145,7 @@ def replication(run: Session, fake: FakeRemote, dataset: SourceDatasetInfo) -> D
 
 async def test_the_run_snapshot_is_registered_before_it_is_taken() -> None:
     registry = InUseRegistry()
-    rows = "".join(f"{ds}\tfilesystem\t{n}\toff\t-\n"
+    rows = "".join(f"{ds}\tfilesystem\t{n}\toff\t-\t4096\n"
                    for n, ds in enumerate(("tank/a", "tank/a/child", "tank/b"), start=1))
     remote = FakeRemote(registry, {"list": (0, rows, "")})
     await session(registry).source_run(SOURCE, remote_host(remote)).take_snapshots()
@@ -161,15 +161,14 @@ async def test_a_prune_spares_what_the_other_disk_may_need() -> None:
     remote = FakeRemote(registry, {"list": listed(state)})
     with structlog.testing.capture_logs() as logs:
         await replication(session(registry), remote, info()).prune_server(final)
-    # First this disk's stale holds (none here): every snapshot up to the sent one asked.
+    # Listed afresh at prune time; one ``zfs holds`` of every snapshot up to the sent one
+    # (this disk's stale holds, none here, and the candidates'); offsite-b's cursor is at
+    # day 2: days 2-4 may still be on their way to it. Three commands in all.
     days = [f"tank/a@zbackupd_2026010{day}T000000Z" for day in range(1, 6)]
-    assert remote.calls[1] == ("zfs", "holds", "-H", "-p", *days)
-    # Listed afresh at prune time; offsite-b's cursor is at day 2: days 2-4 may still be on
-    # their way to it.
-    assert remote.calls[2][:2] == ("zfs", "list")
-    assert remote.calls[2][-1] == "tank/a"
-    assert remote.calls[3:] == [
-        ("zfs", "holds", "-H", "-p", "tank/a@zbackupd_20260101T000000Z"),
+    assert remote.calls[0][:2] == ("zfs", "list")
+    assert remote.calls[0][-1] == "tank/a"
+    assert remote.calls[1:] == [
+        ("zfs", "holds", "-H", "-p", *days),
         ("zfs", "destroy", "tank/a@zbackupd_20260101T000000Z"),
     ]
     [pruned] = [entry for entry in logs if entry["event"].startswith("pruned")]

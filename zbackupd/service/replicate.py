@@ -17,20 +17,14 @@ from typing import Protocol
 from structlog.typing import FilteringBoundLogger
 
 from zbackupd.config import Config, Disk, Source, SourceDataset
+from zbackupd.core import idle
 from zbackupd.core import plan as planner
 from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
 from zbackupd.core.retention import RetentionPolicy, protections, select_for_destroy
 from zbackupd.core.status import Phase, Progress, human_bytes
 from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.server.prune import (
-    InUseLease,
-    OwnSnapshotPolicy,
-    ServerPruneFailed,
-    cursors_of,
-    other_disk_labels,
-    prune_dataset,
-    release_stale_holds,
-)
+from zbackupd.server.cleanup import clean_up_dataset
+from zbackupd.server.prune import InUseLease, OwnSnapshotPolicy, cursors_of, other_disk_labels
 from zbackupd.server.remote import RemoteHost
 from zbackupd.server.transfer import (
     ProgressCallback,
@@ -200,6 +194,7 @@ class DatasetReplication:
         outcome = "up to date"
         problem: str | None = None
         final: Snapshot | None = None
+        settled = False  # up to date, cursor at the base: nothing to move or prune
         try:
             for _ in range(MAX_REPLANS):
                 disk, received_as = await self._disk_state()
@@ -216,6 +211,8 @@ class DatasetReplication:
                 dataset_plan.raise_for_conflict()
                 if dataset_plan.is_up_to_date:
                     final = dataset_plan.common_base
+                    settled = outcome == "up to date" and idle.is_settled(dataset_plan,
+                                                                          self._cursors)
                     break
                 try:
                     for step in dataset_plan.transfers:
@@ -229,7 +226,7 @@ class DatasetReplication:
                 final = dataset_plan.final_snapshot
                 if not dataset_plan.replan_after:
                     break
-            if final is not None:
+            if final is not None and not settled:
                 await self._move_cursor(final)
                 await self.prune_server(final)
             self._report(Phase.PRUNING, info.target)
@@ -262,7 +259,14 @@ class DatasetReplication:
         return state, received_as
 
     async def _estimate(self, step: planner.TransferStep) -> int | None:
-        """``zfs send -nvP``: the size for the ETA; a failed estimate only costs the ETA."""
+        """The size for the ETA: from the dataset listing for a one-interval increment to
+        this run's snapshot (``idle.listed_increment_size``), else ``zfs send -nvP``; a
+        failed estimate only costs the ETA."""
+        listed = idle.listed_increment_size(step, self._server_snapshots,
+                                            written=self.info.written,
+                                            run_snapshot=self.info.run_snapshot)
+        if listed is not None:
+            return listed
         try:
             result = await self._remote.run(send_argv(step, self.info.encryption, estimate=True))
         except ZbackupdError as error:
@@ -397,40 +401,33 @@ class DatasetReplication:
     async def prune_server(self, final: Snapshot) -> None:
         """With the cursor at ``final``: release this disk's stale holds (every mode), then
         destroy older own snapshots of the dataset on the server (``create`` mode;
-        ``server/prune.py`` says which). A failure only warns: the next run retries."""
+        ``server/prune.py`` decides), over one listing and one ``zfs holds``
+        (``server/cleanup.py``). A failure only warns: the next run tries again."""
         info = self.info
         tag = names.hold_tag(self.disk.label)
-        try:
-            released = await release_stale_holds(self._remote, info.name, tag, sent=final)
-        except ServerPruneFailed as error:
-            self._log.warning(f"releasing stale holds on {info.name} failed (the next run "
-                              f"tries again): {error.cause}", dataset=info.name,
-                              snapshots=list(error.snapshots), error=str(error.cause),
-                              error_type=type(error.cause).__name__, transient=error.transient)
-        else:
-            if released:
-                self._log.info(f"released {len(released)} stale hold(s) {tag} on {info.name}",
-                               dataset=info.name, snapshots=list(released), tag=tag)
-        if info.config.snapshots != "create":
-            return
-        others = other_disk_labels(self.config, self.disk, self.source)
-        try:
-            decision = await prune_dataset(
-                self._remote,
-                info.name,
-                OwnSnapshotPolicy(info.config.snapshot_prefix, self.source.keep_own_snapshots),
-                sent=final,
-                other_disks=others,
-                in_use=self._in_use.others_now,
-                own_hold_tag=names.hold_tag(self.disk.label),
-            )
-        except ServerPruneFailed as error:
-            self._log.warning(f"pruning own snapshots of {info.name} on the server failed "
-                              f"(the next run tries again): {error.cause}", dataset=info.name,
-                              snapshots=list(error.snapshots), error=str(error.cause),
-                              error_type=type(error.cause).__name__, transient=error.transient)
-            return
-        if decision.destroy:
+        create = info.config.snapshots == "create"
+        done = await clean_up_dataset(
+            self._remote, info.name, tag, sent=final,
+            policy=(OwnSnapshotPolicy(info.config.snapshot_prefix,
+                                      self.source.keep_own_snapshots) if create else None),
+            other_disks=other_disk_labels(self.config, self.disk, self.source),
+            in_use=self._in_use.others_now,
+        )  # fmt: skip
+        failures = [(done.release_failed, "releasing stale holds on")]
+        if done.prune_failed is not done.release_failed:  # a failed listing: said once
+            failures.append((done.prune_failed, "pruning own snapshots of"))
+        for failed, what in failures:
+            if failed is not None:
+                self._log.warning(f"{what} {info.name} on the server failed (the next run "
+                                  f"tries again): {failed.cause}", dataset=info.name,
+                                  snapshots=list(failed.snapshots), error=str(failed.cause),
+                                  error_type=type(failed.cause).__name__,
+                                  transient=failed.transient)  # fmt: skip
+        if done.released:
+            self._log.info(f"released {len(done.released)} stale hold(s) {tag} on {info.name}",
+                           dataset=info.name, snapshots=list(done.released), tag=tag)
+        decision = done.decision
+        if decision is not None and decision.destroy and done.prune_failed is None:
             self._log.info(f"pruned {len(decision.destroy)} own snapshot(s) of {info.name} "
                            "on the server", dataset=info.name,
                            destroyed=list(decision.short_names))

@@ -272,8 +272,9 @@ class Session:
                 replication = self.replication(
                     source, remote, info, index=index, total=len(listing.selected)
                 )
+                versions = listing.state(info.name)  # grouped once per source
                 outcome = await replication.run(
-                    up_to(listing.snapshots, info.name, own), listing.bookmarks
+                    up_to(versions.snapshots, info.name, own), versions.bookmarks
                 )
                 self._tally.bytes_sent += outcome.result.bytes_sent
                 self._tally.results.append(outcome.result)

@@ -8,15 +8,17 @@ server and the disk.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger
 
 from zbackupd.config import Disk, Source, SourceDataset
-from zbackupd.core.model import Bookmark, Encryption, Snapshot
+from zbackupd.core import idle
+from zbackupd.core.model import DatasetState, Encryption, Snapshot, group_versions
+from zbackupd.core.plan import SnapshotFilter
 from zbackupd.server.prune import InUseLease
 from zbackupd.server.remote import RemoteHost
 from zbackupd.zfs import argv as zargv
@@ -39,16 +41,24 @@ class SourceDatasetInfo:
     target: str
     config: SourceDataset
     volume: bool = False
+    #: Bytes written since the dataset's newest snapshot, as the listing said (None:
+    #: unknown).
+    written: int | None = None
+    #: The short name of the snapshot this run took of it (None: it took none).
+    run_snapshot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SourceListing:
-    """What one listing of the server said: the selected datasets, parents first, and
-    every snapshot and bookmark under the roots."""
+    """What the listings of the server said: the selected datasets, parents first, and
+    each dataset's snapshots and bookmarks under the roots (grouped once per source)."""
 
     selected: tuple[SourceDatasetInfo, ...]
-    snapshots: tuple[Snapshot, ...]
-    bookmarks: tuple[Bookmark, ...]
+    versions: Mapping[str, DatasetState]
+
+    def state(self, dataset: str) -> DatasetState:
+        """``dataset``'s snapshots and bookmarks (none listed: an empty state)."""
+        return self.versions.get(dataset) or DatasetState(dataset, ())
 
 
 def target_dataset(disk: Disk, source: Source, dataset: str) -> str:
@@ -75,6 +85,7 @@ def select_datasets(
                         target_dataset(disk, source, row.name),
                         config,
                         volume=row.volume,
+                        written=row.written,
                     ),
                 )
     return tuple(sorted(chosen.values(), key=lambda info: info.name))
@@ -110,6 +121,12 @@ def snapshot_batches(
     if batch:
         batches.append(tuple(batch))
     return tuple(batches)
+
+
+def run_snapshot_targets(config: SourceDataset) -> SnapshotFilter:
+    """What the planner may send of a ``create``-mode dataset: its own run snapshots
+    (``replicate.snapshot_filter`` for that mode)."""
+    return SnapshotFilter(own_prefix=config.snapshot_prefix + "_")
 
 
 def up_to(
@@ -148,6 +165,11 @@ class SourceRun:
         self._log = log
         #: The selection of this run's dataset listing (taken once, before the snapshot).
         self._selected: tuple[SourceDatasetInfo, ...] | None = None
+        #: Snapshots and bookmarks per dataset when listed before the snapshot (some
+        #: dataset had nothing written), else None.
+        self._versions: dict[str, DatasetState] | None = None
+        #: The datasets snapshotted by this run, with the snapshot's short name.
+        self._taken: dict[str, str] = {}
 
     @property
     def _roots(self) -> list[str]:
@@ -162,27 +184,46 @@ class SourceRun:
         return self._selected
 
     async def take_snapshots(self) -> datetime:
-        """One atomic, non-recursive ``zfs snapshot a@n b@n ...`` of exactly the selected
-        datasets in ``create`` mode: an excluded descendant gets no run snapshot (nothing
-        would ever prune it). Lists the datasets first (``select``).
+        """One atomic, non-recursive ``zfs snapshot a@n b@n ...`` of the selected datasets
+        in ``create`` mode that need one: an excluded descendant gets no run snapshot
+        (nothing would ever prune it), and neither does a dataset with nothing written
+        since a newest snapshot that is already a send target (``idle.needs_run_snapshot``:
+        the run sends that one where it is missing). Lists the datasets first
+        (``select``), and their snapshots too when some had nothing written.
 
         Returns the time the names carry. A concurrent session (two disks plugged at once)
         may have taken the same names in the same second: then that snapshot is this run's.
         """
         selected = await self.select()
         when = self._now()
-        wanted = [
-            names.run_snapshot_name(info.name, when, info.config.snapshot_prefix)
-            for info in selected
-            if info.config.snapshots == "create"
-        ]
+        create = [info for info in selected if info.config.snapshots == "create"]
+        spared: set[str] = set()
+        if any(info.written == 0 for info in create):
+            self._versions = await self._list_versions(recursive=True, datasets=self._roots)
+            for info in create:
+                state = self._versions.get(info.name)
+                if not idle.needs_run_snapshot(state, info.written,
+                                               run_snapshot_targets(info.config)):
+                    spared.add(info.name)
+                    newest = idle.newest_snapshot(state)
+                    if newest is not None:
+                        self._in_use.protect([newest.name])  # what this run sends instead
+        if spared:
+            self._log.info(f"{len(spared)} dataset(s) unchanged since their newest snapshot: "
+                           "no run snapshot", datasets=len(spared), source=self.source.name)
+        wanted = {
+            info.name: names.run_snapshot_short_name(when, info.config.snapshot_prefix)
+            for info in create
+            if info.name not in spared
+        }
         if not wanted:
             return when
-        self._in_use.protect(wanted)  # before it exists: no gap
-        batches = snapshot_batches(wanted)
+        full = [f"{dataset}@{short}" for dataset, short in wanted.items()]
+        self._in_use.protect(full)  # before it exists: no gap
+        batches = snapshot_batches(full)
         if len(batches) > 1:
-            self._log.warning(f"{len(wanted)} datasets: the run snapshot is taken in "
-                              f"{len(batches)} commands, each atomic", datasets=len(wanted))
+            self._log.warning(f"{len(full)} datasets: the run snapshot is taken in "
+                              f"{len(batches)} commands, each atomic", datasets=len(full))
         for batch in batches:
             try:
                 await self._remote.run(zargv.snapshot(batch))
@@ -192,16 +233,40 @@ class SourceRun:
             else:
                 self._log.info(f"server snapshot taken: {' '.join(batch)}",
                                snapshots=list(batch))
+        self._taken = wanted
         return when
 
+    async def _list_versions(
+        self, *, recursive: bool, datasets: Sequence[str]
+    ) -> dict[str, DatasetState]:
+        """Snapshots and bookmarks of ``datasets`` (``-r``: and everything under them),
+        grouped by dataset; ``-d 1`` listings go in commands of bounded length."""
+        batches = (tuple(datasets),) if recursive else snapshot_batches(datasets)
+        grouped: dict[str, DatasetState] = {}
+        for batch in batches:
+            answer = await self._remote.run(
+                zargv.list_snapshots_and_bookmarks(batch, recursive=recursive))
+            grouped.update(group_versions(*parse.parse_versions(answer.text)))
+        return grouped
+
     async def list(self) -> SourceListing:
-        """The selected datasets (``select``) with every snapshot and bookmark under the
-        roots, listed after this run's snapshot was taken."""
+        """The selected datasets (``select``) with their snapshots and bookmarks as they
+        are after this run's snapshot: one recursive listing, or, when the datasets were
+        listed before the snapshot, a ``-d 1`` listing of just the snapshotted ones."""
         selected = await self.select()
-        roots = self._roots
-        listing = await self._remote.run(zargv.list_snapshots_and_bookmarks(roots, recursive=True))
-        snapshots, bookmarks = parse.parse_versions(listing.text)
-        return SourceListing(selected, tuple(snapshots), tuple(bookmarks))
+        if self._versions is None:
+            versions = await self._list_versions(recursive=True, datasets=self._roots)
+        else:
+            versions = dict(self._versions)
+            if self._taken:
+                versions.update(await self._list_versions(recursive=False,
+                                                          datasets=list(self._taken)))
+        chosen = tuple(
+            replace(info, run_snapshot=self._taken[info.name]) if info.name in self._taken
+            else info
+            for info in selected
+        )
+        return SourceListing(chosen, versions)
 
     async def ensure_parents(self, selected: Sequence[SourceDatasetInfo]) -> None:
         """Receiving needs the target's parent: create missing ancestors, parents first.

@@ -31,8 +31,9 @@ ZPOOL = "zpool"
 
 #: Columns of every snapshot/bookmark listing; ``parse.parse_snapshots`` reads them.
 VERSION_LIST_FIELDS = "name,guid,createtxg,creation"
-#: Columns of the dataset listing; ``parse.parse_datasets`` reads them.
-DATASET_LIST_FIELDS = "name,type,guid,encryption,encryptionroot"
+#: Columns of the dataset listing; ``parse.parse_datasets`` reads them. ``written`` (bytes
+#: since the newest snapshot) lets an unchanged dataset go without a new run snapshot.
+DATASET_LIST_FIELDS = "name,type,guid,encryption,encryptionroot,written"
 #: Columns of ``zfs get``/``zpool get``; ``parse.parse_properties`` reads them.
 PROPERTY_FIELDS = "name,property,value"
 #: Columns of ``zpool list``; ``parse.parse_pool_list`` reads them.
@@ -589,7 +590,8 @@ def list_snapshots_and_bookmarks(datasets: Iterable[str], *, recursive: bool = F
 
 def list_datasets(roots: Iterable[str]) -> Argv:
     """Every filesystem/volume under ``roots`` with its type (a volume is received
-    differently) and its encryption (which picks the send mode per dataset)."""
+    differently), its encryption (which picks the send mode per dataset) and what was
+    written since its newest snapshot (nothing: no new run snapshot needed)."""
     return _render("list_datasets", _one_or_more("roots", roots))
 
 

@@ -131,14 +131,17 @@ class DatasetRow:
     encryption: Encryption
     encryption_root: str | None
     volume: bool = False
+    #: Bytes written since the newest snapshot (all referenced bytes without one); None
+    #: when ZFS did not say.
+    written: int | None = None
 
 
 def parse_datasets(text: str) -> tuple[DatasetRow, ...]:
-    """``zfs list -H -p -o name,type,guid,encryption,encryptionroot``."""
+    """``zfs list -H -p -o name,type,guid,encryption,encryptionroot,written``."""
     rows = []
-    for fields in _rows(text, "dataset listing", 5):
+    for fields in _rows(text, "dataset listing", 6):
         line = "\t".join(fields)
-        name, kind, guid, encryption, root = fields
+        name, kind, guid, encryption, root, written = fields
         try:
             names.validate_dataset_name(name)
         except InvalidName as error:
@@ -153,6 +156,8 @@ def parse_datasets(text: str) -> tuple[DatasetRow, ...]:
                 mode,
                 None if root in ("-", "") else root,
                 volume=kind == "volume",
+                written=None if written in ("-", "") else _integer("dataset listing", line,
+                                                                   written),
             )
         )
     return tuple(rows)
