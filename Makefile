@@ -103,6 +103,7 @@ check: host-deps fast vm-test
 bench: venv host-deps
 	$(BIN)/python -m benchmarks.bench_plan
 	$(BIN)/python -m benchmarks.bench_gate
+	$(BIN)/python -m benchmarks.bench_roundtrips
 	$(BIN)/python -m benchmarks.bench_transfer --rounds 5
 
 demo: venv host-deps
