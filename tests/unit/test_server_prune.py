@@ -19,16 +19,18 @@ from hypothesis import strategies as st
 from zbackupd.config import load_config
 from zbackupd.core.model import Bookmark, Snapshot
 from zbackupd.errors import PermanentError
+from zbackupd.server.cleanup import clean_up_dataset
 from zbackupd.server.prune import (
     InUseRegistry,
+    InUseView,
     OwnSnapshotPolicy,
+    ServerPruneDecision,
     ServerPruneFailed,
     ServerPruneInputError,
     other_disk_labels,
-    prune_dataset,
     select_own_for_destroy,
 )
-from zbackupd.zfs import parse
+from zbackupd.zfs import names, parse
 from zbackupd.zfs.runner import CommandResult
 
 DATASET = "tank/fs"
@@ -314,6 +316,28 @@ LIST_ARGV = ("zfs", "list", "-H", "-p", "-t", "snapshot,bookmark", "-o",
              "name,guid,createtxg,creation", "-s", "createtxg", "-d", "1", DATASET)
 
 
+async def prune_dataset(
+    remote: Any,
+    dataset: str,
+    policy: OwnSnapshotPolicy,
+    *,
+    sent: Snapshot,
+    other_disks: frozenset[str] | set[str] = frozenset(),
+    in_use: Any = InUseView,
+    own_hold_tag: str = "zbackupd_this-disk",
+) -> ServerPruneDecision:
+    """The daemon's server clean-up (``server/cleanup.py``) seen as the prune it does:
+    its decision, or its failure raised."""
+    result = await clean_up_dataset(
+        remote, dataset, own_hold_tag, sent=sent, policy=policy, other_disks=other_disks,
+        in_use=in_use, cursor_prefix=names.DEFAULT_PREFIX,
+    )
+    if result.prune_failed is not None:
+        raise result.prune_failed
+    assert result.decision is not None
+    return result.decision
+
+
 async def test_holds_are_asked_for_then_one_destroy_spares_the_held() -> None:
     snaps = listing(HISTORY)
     holds = f"{DATASET}@{D2}\tkeep\t1795317598\n"
@@ -324,7 +348,8 @@ async def test_holds_are_asked_for_then_one_destroy_spares_the_held() -> None:
     assert decision.short_names == (D1, D3)
     assert remote.calls == [
         LIST_ARGV,
-        ("zfs", "holds", "-H", "-p", f"{DATASET}@{D1}", f"{DATASET}@{D2}", f"{DATASET}@{D3}"),
+        # One ``zfs holds`` up to the sent snapshot serves this disk's stale holds too.
+        ("zfs", "holds", "-H", "-p", *(f"{DATASET}@{s}" for s in (D1, D2, D3, D4))),
         ("zfs", "destroy", f"{DATASET}@{D1},{D3}"),
     ]
 
@@ -389,12 +414,12 @@ async def test_this_disks_stale_hold_is_released_then_pruned_others_spared() -> 
     ]
 
 
-async def test_nothing_to_prune_sends_only_the_listing() -> None:
+async def test_nothing_to_prune_sends_no_destroy_and_no_release() -> None:
     snaps = listing(f"manual {D1}")
-    remote = ScriptedRemote({"list": [server_listing(snaps)]})
+    remote = ScriptedRemote({"list": [server_listing(snaps)], "holds": [OK]})
     decision = await prune_dataset(remote, DATASET, OwnSnapshotPolicy(), sent=by_short(snaps, D1))
     assert decision.destroy == ()
-    assert remote.calls == [LIST_ARGV]
+    assert [call[1] for call in remote.calls] == ["list", "holds"]
 
 
 async def test_everything_held_sends_no_destroy() -> None:

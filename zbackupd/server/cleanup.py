@@ -2,9 +2,9 @@
 released and (``create`` mode) the prunable own snapshots destroyed, in as few round
 trips as the decisions allow (issue 16).
 
-``prune.release_stale_holds`` and ``prune.prune_dataset`` each list the dataset and ask
-for holds; both ask about snapshots at or before the sent one (every prune candidate is
-older than it), so one fresh ``-d 1`` listing and one ``zfs holds`` serve both: then one
+Releasing this disk's stale holds and pruning both need a fresh listing and the holds of
+the snapshots at or before the sent one (every prune candidate is older than it), so one
+fresh ``-d 1`` listing and one ``zfs holds`` serve both: then one
 ``zfs release`` (only if this disk has stale holds) and one ``zfs destroy ds@a,b,c``
 (only if something is prunable). The decisions are ``prune.py``'s, unchanged:
 ``select_own_for_destroy`` on a listing taken now, ``in_use`` sampled before the listing

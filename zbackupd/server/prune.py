@@ -5,7 +5,7 @@ Every run in ``snapshots = "create"`` mode takes ``<prefix>_YYYYMMDDTHHMMSSZ`` o
 server. Once a disk's cursor bookmark points at what the disk holds, older run snapshots
 are not needed for that disk's next incremental (a bookmark is a valid ``-i`` source, also
 after its snapshot is destroyed). ``select_own_for_destroy`` (pure) says which to destroy;
-``prune_dataset`` (shell) asks the server for holds and issues one ``zfs destroy
+``server/cleanup.py`` (shell) asks the server for holds and issues one ``zfs destroy
 ds@a,b,c``.
 
 An own snapshot of one dataset is destroyed only when ALL of these hold:
@@ -33,7 +33,7 @@ grid) over different snapshots (the disk's).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,8 +41,7 @@ from zbackupd.config import Config, Disk, Source
 from zbackupd.core.model import Bookmark, Snapshot
 from zbackupd.core.retention import KeptSnapshot, explain_partition
 from zbackupd.errors import PermanentError, ZbackupdError
-from zbackupd.zfs import argv as zargv
-from zbackupd.zfs import names, parse
+from zbackupd.zfs import names
 from zbackupd.zfs.runner import CommandResult
 
 
@@ -307,123 +306,10 @@ class InUseRegistry:
         return self.view(excluding=excluding).covered(snapshot_names)
 
 
-# -- the shell: ask for holds, destroy in one call ----------------------------------------
+# -- the shell's seam (server/cleanup.py does the asking and destroying) ---------------
 
 
 class RemoteRunner(Protocol):
-    """What ``prune_dataset`` needs of ``remote.RemoteHost``."""
+    """What ``cleanup.clean_up_dataset`` needs of ``remote.RemoteHost``."""
 
     async def run(self, argv: Sequence[str], *, check: bool = True) -> CommandResult: ...
-
-
-async def prune_dataset(
-    remote: RemoteRunner,
-    dataset: str,
-    policy: OwnSnapshotPolicy,
-    *,
-    sent: Snapshot | None,
-    other_disks: Collection[str] = frozenset(),
-    in_use: Callable[[], InUseView] = InUseView,
-    own_hold_tag: str | None = None,
-    cursor_prefix: str = names.DEFAULT_PREFIX,
-) -> ServerPruneDecision:
-    """Destroy ``dataset``'s prunable own snapshots on the server; returns the decision.
-
-    The server is listed afresh here (``-d 1``: snapshots and bookmarks), never taken from
-    the run's planning listing: another disk's run may have moved its cursor since (the
-    other disk's snapshot is then kept by that cursor). ``in_use`` is sampled BEFORE that
-    listing and again right before the destroy, and both samples protect: a session
-    releases its lease only after moving its cursor, so a lease gone at the first sample
-    means the cursor is already in the listing. ``other_disks`` are the labels of the other
-    configured disks: each one's cursor is the newest of its cursor bookmarks
-    (``names.is_cursor_of``, legacy or suffixed).
-
-    A candidate held only under ``own_hold_tag`` (this disk's tag) is older than what the
-    disk now holds, so the hold is stale: an interrupted transfer kept it for a resume
-    that was superseded. It is released, then the snapshot is pruned like any other.
-
-    The listing does not show holds, so the candidates' holds are asked for (``zfs holds``)
-    before one ``zfs destroy ds@a,b,c`` (atomic: one held snapshot would fail it all). If
-    a candidate has vanished meanwhile (a concurrent run pruned it), the dataset is listed
-    again, once. Failures raise ``ServerPruneFailed``.
-    """
-    early = in_use()
-    snapshots: tuple[Snapshot, ...] = ()
-    cursors: tuple[Bookmark, ...] = ()
-
-    async def look() -> None:
-        nonlocal snapshots, cursors
-        answer = await remote.run(zargv.list_snapshots_and_bookmarks([dataset]))
-        snapshots, bookmarks = parse.parse_versions(answer.text)
-        cursors = current_cursors(bookmarks, other_disks, cursor_prefix)
-
-    def decide(held: Collection[str] = frozenset()) -> ServerPruneDecision:
-        listed = [snap.name for snap in snapshots]
-        return select_own_for_destroy(
-            dataset,
-            snapshots,
-            policy,
-            sent=sent,
-            held=held,
-            in_use=early.covered(listed) | in_use().covered(listed),
-            other_cursors=cursors,
-        )
-
-    decision: ServerPruneDecision | None = None
-    try:
-        await look()
-        decision = decide()
-        if not decision.destroy:
-            return decision
-        answer = await remote.run(zargv.holds(_full_names(decision)), check=False)
-        if answer.returncode != 0:
-            # A candidate is gone (a concurrent run pruned it first): look again, once.
-            await look()
-            decision = decide()
-            if not decision.destroy:
-                return decision
-            answer = await remote.run(zargv.holds(_full_names(decision)))
-        holds = parse.parse_holds(answer.text)
-        stale = sorted({h.snapshot for h in holds if h.tag == own_hold_tag})
-        if own_hold_tag is not None and stale:
-            await remote.run(zargv.release(own_hold_tag, stale))
-        decision = decide(frozenset(h.snapshot for h in holds if h.tag != own_hold_tag))
-        if decision.destroy:
-            await remote.run(zargv.destroy_snapshots(dataset, decision.short_names))
-    except ZbackupdError as error:
-        doomed = _full_names(decision) if decision is not None else []
-        raise ServerPruneFailed(dataset, doomed, error) from error
-    return decision
-
-
-async def release_stale_holds(
-    remote: RemoteRunner, dataset: str, tag: str, *, sent: Snapshot
-) -> tuple[str, ...]:
-    """Release hold ``tag`` (this disk's) from every snapshot of ``dataset`` at or before
-    ``sent`` (matched by guid in a fresh ``-d 1`` listing), whatever the snapshot mode.
-
-    This disk holds a snapshot only while it travels to the disk (or waits for a resume);
-    once the disk holds ``sent`` and its cursor is there, a hold of this disk's on ``sent``
-    or anything older is stale (an interrupted transfer superseded, a release that
-    failed). Other tags, other disks' included, are never touched. Returns the released
-    snapshots; failures raise ``ServerPruneFailed``.
-    """
-    stale: list[str] = []
-    try:
-        answer = await remote.run(zargv.list_snapshots_and_bookmarks([dataset]))
-        listing, _ = parse.parse_versions(answer.text)
-        here = next((s for s in listing if s.guid == sent.guid), None)
-        if here is None:
-            return ()
-        older = [s.name for s in listing if s.createtxg <= here.createtxg]
-        held = parse.parse_holds((await remote.run(zargv.holds(older))).text)
-        stale = sorted({h.snapshot for h in held if h.tag == tag})
-        if stale:
-            await remote.run(zargv.release(tag, stale))
-    except ZbackupdError as error:
-        raise ServerPruneFailed(dataset, stale, error) from error
-    return tuple(stale)
-
-
-def _full_names(decision: ServerPruneDecision) -> list[str]:
-    return [snap.name for snap in decision.destroy]
