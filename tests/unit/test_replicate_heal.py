@@ -110,6 +110,8 @@ class HealStreamer(FakeStreamer):
     server no longer has it), runs out of space ``full`` times, and keeps creation."""
 
     full: int = 0
+    #: The full disk surfaces as the other side's error (the sender's broken pipe first).
+    full_behind_send: bool = False
 
     async def __call__(
         self,
@@ -128,6 +130,10 @@ class HealStreamer(FakeStreamer):
             self.events.append(("stream", *send_argv))
             cause = parse.classify_error(tuple(receive_argv), 1,
                                          "cannot receive incremental stream: out of space\n")
+            if self.full_behind_send:
+                pipe = parse.classify_error(tuple(send_argv), 1, "warning: cannot send "
+                                            "'tank/a@x': signal received\n")  # fmt: skip
+                raise TransferFailed("send", pipe, other=cast(Any, cause), bytes_transferred=1)
             raise TransferFailed("receive", cast(Any, cause), other=None,
                                  bytes_transferred=4096)  # fmt: skip
         if "-t" in send_argv:
@@ -365,3 +371,12 @@ def test_the_out_of_space_receive_is_classified() -> None:
     error = parse.classify_error(("zfs", "receive", "-s", "x/y"), 1, stderr)
     assert isinstance(error, parse.OutOfSpace)
     assert not error.transient
+
+
+async def test_out_of_space_behind_the_senders_broken_pipe_is_recognised() -> None:
+    config = with_retention(keep_last=1, daily=0, weekly=0, monthly=0, yearly=0)
+    h = heal([day(3), day(4)], [day(1), day(2), day(3)], cursor=day(3))
+    h.streamer.full, h.streamer.full_behind_send = 1, True
+    outcome, _ = await h.run(config=config)
+    assert outcome.problem is None, outcome
+    assert len(h.streams()) == 2

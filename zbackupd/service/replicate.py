@@ -51,7 +51,7 @@ from zbackupd.service.disk_copy import DiskCopy
 from zbackupd.service.pool import WrongDiskKey
 from zbackupd.service.source_run import SourceDatasetInfo
 from zbackupd.service.steps import (
-    cause_of,
+    causes_of,
     first_line,
     held_snapshot_name,
     mismatch_reason,
@@ -252,13 +252,14 @@ class DatasetReplication:
         """After a failed step: True to plan again (a resume the server refused was
         aborted; an out-of-space step made room by pruning), False to fail with ``error``
         (the cursor then follows what the disk holds)."""
-        cause = cause_of(error)
-        if isinstance(cause, parse.ResumeTokenInvalid) and not self._copy.aborts:
+        causes = causes_of(error)
+        refused = next((c for c in causes if isinstance(c, parse.ResumeTokenInvalid)), None)
+        if refused is not None and not self._copy.aborts:
             await self._copy.abort_partial(
-                f"the server refused to resume it ({first_line(cause.stderr)})")
+                f"the server refused to resume it ({first_line(refused.stderr)})")
             return True
         await self._cursor_to_disk()
-        if not isinstance(cause, parse.OutOfSpace):
+        if not any(isinstance(cause, parse.OutOfSpace) for cause in causes):
             return False
         if self._pruned_for_space is None:
             # Per policy, keeping the common base, the cursor's and a partial's base.

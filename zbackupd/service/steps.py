@@ -127,9 +127,13 @@ def resume_base_guids(token: str | None) -> frozenset[int]:
     return frozenset({read.from_guid})
 
 
-def cause_of(error: ZbackupdError) -> ZbackupdError:
-    """The typed error behind a failed step (a transfer's failing side, else itself)."""
-    return error.cause if isinstance(error, TransferFailed) else error
+def causes_of(error: ZbackupdError) -> tuple[ZbackupdError, ...]:
+    """The typed errors behind a failed step: a transfer's failing side first, then the
+    other side's (a full disk may surface as the sender's broken pipe first), else the
+    error itself."""
+    if isinstance(error, TransferFailed):
+        return (error.cause,) if error.other is None else (error.cause, error.other)
+    return (error,)
 
 
 def first_line(text: str) -> str:
