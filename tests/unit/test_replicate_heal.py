@@ -110,6 +110,8 @@ class HealStreamer(FakeStreamer):
     server no longer has it), runs out of space ``full`` times, and keeps creation."""
 
     full: int = 0
+    #: A refused resume comes from the server's gate (its own check of the token).
+    gate: bool = False
     #: The full disk surfaces as the other side's error (the sender's broken pipe first).
     full_behind_send: bool = False
 
@@ -141,10 +143,13 @@ class HealStreamer(FakeStreamer):
             token = zargv.decode_resume_token(send_argv[send_argv.index("-t") + 1])
             landed = next((s for s in self.server.snapshots if s.guid == token.toguid), None)
             if landed is None:
-                cause = parse.classify_error(
-                    tuple(send_argv), 255,
-                    f"cannot resume send: '{token.toname}' used in the initial send no "
-                    "longer exists\n")  # fmt: skip
+                stderr = (f"cannot resume send: '{token.toname}' used in the initial send no "
+                          "longer exists\n")  # fmt: skip
+                if self.gate:
+                    stderr = ("zbackupd-gate: refused: cannot check the resume token's "
+                              f"snapshot {token.toname}: get -H failed: exit 1: cannot open "
+                              f"'{token.toname}': dataset does not exist\n")  # fmt: skip
+                cause = parse.classify_error(tuple(send_argv), 255, stderr)
                 raise TransferFailed("send", cast(Any, cause), other=None, bytes_transferred=0)
             disk.copies.setdefault(target, []).append(copy(landed))
             del disk.tokens[target]
@@ -380,3 +385,16 @@ async def test_out_of_space_behind_the_senders_broken_pipe_is_recognised() -> No
     outcome, _ = await h.run(config=config)
     assert outcome.problem is None, outcome
     assert len(h.streams()) == 2
+
+
+async def test_a_resume_the_servers_gate_refuses_is_aborted_and_replanned_once() -> None:
+    """Through the gate, a token whose snapshot is gone is refused before zfs runs."""
+    token = make_token(day(2).name, toguid=2, fromguid=1, raw=True)
+    h = heal([day(1), day(3)], [day(1)], cursor=day(1), token=token)
+    h.streamer.gate = True
+    outcome, logs = await h.run(listing=[day(1), day(2), day(3)])
+    assert outcome.problem is None, outcome
+    assert h.index("stream") < h.index("disk", "receive", "-A", TARGET)
+    assert [s.guid for s in h.disk.copies[TARGET]] == [1, 3]
+    [warning] = [w for w in warnings(logs) if "aborted" in w]
+    assert "the server refused to resume it" in warning

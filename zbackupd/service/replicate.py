@@ -56,6 +56,7 @@ from zbackupd.service.steps import (
     held_snapshot_name,
     mismatch_reason,
     read_resume_token,
+    refused_resume,
     retention_policy,
     send_argv,
     snapshot_filter,
@@ -253,7 +254,7 @@ class DatasetReplication:
         aborted; an out-of-space step made room by pruning), False to fail with ``error``
         (the cursor then follows what the disk holds)."""
         causes = causes_of(error)
-        refused = next((c for c in causes if isinstance(c, parse.ResumeTokenInvalid)), None)
+        refused = refused_resume(causes)
         if refused is not None and not self._copy.aborts:
             await self._copy.abort_partial(
                 f"the server refused to resume it ({first_line(refused.stderr)})")

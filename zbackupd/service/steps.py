@@ -21,6 +21,7 @@ from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.server.transfer import TransferFailed
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs.names import InvalidName
+from zbackupd.zfs.parse import GateRefused, ResumeTokenInvalid, ZfsCommandError
 
 
 def snapshot_filter(config: SourceDataset) -> planner.SnapshotFilter:
@@ -134,6 +135,28 @@ def causes_of(error: ZbackupdError) -> tuple[ZbackupdError, ...]:
     if isinstance(error, TransferFailed):
         return (error.cause,) if error.other is None else (error.cause, error.other)
     return (error,)
+
+
+#: What the server's gate says when a token's GUIDs do not fit the server (server/gate.py
+#: ``_toguid_refusal``, ``_fromguid_refusal``): the resume cannot work there.
+_GATE_TOKEN_REFUSALS = (
+    "resume token's snapshot",
+    "resume token's toguid",
+    "resume token's incremental source",
+)
+
+
+def refused_resume(causes: Sequence[ZbackupdError]) -> ZfsCommandError | None:
+    """The error saying the server cannot resume this token (zfs's own, or the gate's
+    check of its GUIDs), if that is why the step failed."""
+    for cause in causes:
+        if isinstance(cause, ResumeTokenInvalid):
+            return cause
+        if isinstance(cause, GateRefused) and any(
+            needle in cause.stderr for needle in _GATE_TOKEN_REFUSALS
+        ):
+            return cause
+    return None
 
 
 def first_line(text: str) -> str:
