@@ -188,3 +188,13 @@ async def test_create_placeholder_reports_other_failures() -> None:
     runner = RecordingRunner([(1, "", "cannot create 'xpool/b': out of space\n")])
     with pytest.raises(parse.OutOfSpace):
         await Zfs(runner).create_placeholder("xpool/b")
+
+
+async def test_available_bytes_is_zfs_get_available_on_the_pool_root() -> None:
+    runner = RecordingRunner([(0, "zbackup\tavailable\t1073741824\n", "")])
+    assert await Zfs(runner).available_bytes("zbackup") == 1073741824
+    assert runner.calls[0].argv == ("zfs", "get", "-H", "-p", "-o", "name,property,value",
+                                    "available", "zbackup")  # fmt: skip
+    broken = RecordingRunner([(0, "zbackup\tavailable\t-\n", "")])
+    with pytest.raises(parse.ParseError):
+        await Zfs(broken).available_bytes("zbackup")

@@ -14,9 +14,13 @@ from hypothesis import strategies as st
 
 from zbackupd.core.model import Bookmark, Hold, Snapshot
 from zbackupd.core.retention import (
+    CLOCK_SLACK,
+    ClockImplausible,
     RetentionInputError,
     RetentionPolicy,
+    check_clock,
     protections,
+    reference_time,
     select_for_destroy,
 )
 from zbackupd.errors import PermanentError
@@ -83,9 +87,17 @@ def test_hourly_keeps_the_newest_in_each_of_the_last_hours() -> None:
 
 def test_daily_window_counts_back_from_now_including_empty_days() -> None:
     spec = " ".join(f"2024-05-{day:02d}T23:00" for day in range(1, 11))
-    got = destroyed(spec, RetentionPolicy(keep_last=0, daily=3), "2024-05-12T08:00")
-    # days 10, 11, 12 are the window; only the 10th has a snapshot
+    got = destroyed(spec, RetentionPolicy(keep_last=0, daily=2), "2024-05-11T20:00")
+    # days 10 and 11 are the window; only the 10th has a snapshot
     assert got == [f"2024-05-{day:02d}T23:00" for day in range(1, 10)]
+
+
+def test_the_window_never_starts_more_than_the_slack_after_the_newest_snapshot() -> None:
+    """A day and a half after the newest snapshot the window ends at newest + 1 day
+    (May 11 23:00): days 9, 10, 11 (anchored on the data, not on the clock)."""
+    spec = " ".join(f"2024-05-{day:02d}T23:00" for day in range(1, 11))
+    got = destroyed(spec, RetentionPolicy(keep_last=0, daily=3), "2024-05-12T08:00")
+    assert got == [f"2024-05-{day:02d}T23:00" for day in range(1, 9)]
 
 
 def test_daily_keeps_one_per_day() -> None:
@@ -262,3 +274,64 @@ def test_retention_properties(
     )
     more_kept = select_for_destroy(snapshots, generous, now=now, protect=protect)
     assert {s.guid for s in more_kept.destroy} <= destroyed_guids
+
+
+# --------------------------------------------------------------------------- the clock
+
+DAILY_WEEK = RetentionPolicy(keep_last=1, daily=7)
+MONTH_OF_DAYS = " ".join(f"2024-05-{d:02d}T03:00" for d in range(1, 31))
+
+
+def test_a_clock_years_ahead_keeps_what_the_data_keeps() -> None:
+    """Buckets count back from min(now, newest + CLOCK_SLACK): a clock three years ahead
+    decides as a clock a day after the newest snapshot does (the unanchored grid would
+    have found every daily bucket empty and destroyed all but the newest)."""
+    right = destroyed(MONTH_OF_DAYS, DAILY_WEEK, "2024-05-31T03:00")
+    ahead = destroyed(MONTH_OF_DAYS, DAILY_WEEK, "2027-05-30T12:00")
+    assert ahead == right
+    assert right == [f"2024-05-{d:02d}T03:00" for d in range(1, 25)]  # keeps May 25..30
+
+
+def test_reference_time_is_anchored_on_the_newest_snapshot() -> None:
+    snaps = timeline("2024-05-01T10:00 2024-05-02T10:00")
+    newest = at("2024-05-02T10:00")
+    assert reference_time(at("2024-05-02T12:00"), snaps) == at("2024-05-02T12:00")
+    assert reference_time(at("2030-01-01"), snaps) == newest + CLOCK_SLACK
+    assert reference_time(at("2024-05-01T00:00"), snaps) == at("2024-05-01T00:00")
+    assert reference_time(at("2030-01-01"), []) == at("2030-01-01")
+
+
+def test_a_clock_past_both_the_disk_and_the_server_data_is_implausible() -> None:
+    newest_disk = int(at("2024-05-01T00:00").timestamp())
+    newest_server = int(at("2024-05-02T00:00").timestamp())
+    fine = check_clock(at("2024-05-03T23:00"), newest_disk=newest_disk,
+                       newest_server=newest_server)  # fmt: skip
+    assert fine is None
+    wrong = check_clock(at("2027-05-02T00:00"), newest_disk=newest_disk,
+                        newest_server=newest_server)  # fmt: skip
+    assert isinstance(wrong, ClockImplausible)
+    text = wrong.explain()
+    assert text.startswith("clock looks wrong: now is 2027-05-02T00:00:00Z, newest snapshot "
+                           "is 2024-05-02T00:00:00Z")  # fmt: skip
+    assert text.endswith("not pruning")
+    # Only one side known: that side decides; neither known: nothing to judge by.
+    assert check_clock(at("2027-01-01"), newest_disk=newest_disk, newest_server=None)
+    assert check_clock(at("2027-01-01"), newest_disk=None, newest_server=None) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), policies, st.integers(0, 10 * 366 * 24 * 3600))
+def test_a_clock_jump_forward_destroys_nothing_the_data_keeps(
+    history: tuple[list[Snapshot], int, frozenset[int]], policy: RetentionPolicy, jump: int
+) -> None:
+    """For any jump forward of a clock at or after the newest snapshot, nothing kept at
+    the data's own time (newest + slack) is destroyed: the decision does not move."""
+    snapshots, _, protect = history
+    if not snapshots:
+        return
+    newest = max(s.creation for s in snapshots)
+    anchored = newest + int(CLOCK_SLACK.total_seconds())
+    at_data = select_for_destroy(snapshots, policy, now=anchored, protect=protect)
+    jumped = select_for_destroy(snapshots, policy, now=anchored + jump, protect=protect)
+    assert {s.guid for s in jumped.destroy} <= {s.guid for s in at_data.destroy}
+    assert jumped == at_data

@@ -10,13 +10,13 @@ from zbackupd.config import load_config
 from zbackupd.core.model import Encryption, Snapshot
 from zbackupd.core.plan import FullSend, IncrementalSend, Resume
 from zbackupd.service.pool import Revival, revive_pool, revive_steps
-from zbackupd.service.replicate import held_snapshot_name, send_argv, snapshot_filter
 from zbackupd.service.source_run import (
     run_snapshot_short_name,
     select_datasets,
     snapshot_batches,
     up_to,
 )
+from zbackupd.service.steps import held_snapshot_name, send_argv, snapshot_filter
 from zbackupd.zfs.parse import DatasetRow, PoolHealth
 from zbackupd.zfs.runner import CommandResult, CommandTimeout
 

@@ -2,20 +2,36 @@
 
 A grid like sanoid's and zrepl's: keep the newest ``keep_last`` snapshots, and for each
 bucket kind (hourly, daily, weekly, monthly, yearly) the newest snapshot in each of the
-last K calendar periods (UTC), counting the period ``now`` falls in as the first. ``now``
-is passed in, so the decision is reproducible. Whatever the policy says, the newest
+last K calendar periods (UTC), counting the period of the *reference time* as the first.
+``now`` is passed in, so the decision is reproducible. Whatever the policy says, the newest
 snapshot and every protected one (the newest snapshot shared with the server, the one
 this disk's cursor records, anything held) are kept.
+
+The client's wall clock is not trusted on its own: a clock years ahead would make every
+bucket empty and destroy the history. The reference time is ``min(now, newest snapshot's
+creation + CLOCK_SLACK)``: the grid is anchored on the data, so a clock jumping forward
+past the data changes no decision (a run's newest snapshot was taken by the server moments
+ago, so a right clock is never more than the slack ahead of it on a fresh run). And when
+``now`` is more than ``CLOCK_IMPLAUSIBLE`` after both the disk's newest snapshot and the
+newest server snapshot the run saw, ``check_clock`` says the clock looks wrong: the caller
+then prunes nothing and warns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from zbackupd.core.model import Bookmark, Hold, Snapshot
 from zbackupd.errors import PermanentError
+
+#: How far past the newest snapshot the buckets may be anchored: one day lets a right clock
+#: decide normally between the run snapshot and the end of its day, and no more.
+CLOCK_SLACK = timedelta(days=1)
+#: How far ahead of the newest snapshot on both sides a clock may be before it is not
+#: believed (a run snapshots the server first, so a right clock is minutes ahead of it).
+CLOCK_IMPLAUSIBLE = timedelta(days=2)
 
 
 class RetentionInputError(PermanentError):
@@ -146,6 +162,52 @@ def protections(
     return protect
 
 
+def reference_time(now: datetime | float, snapshots: Iterable[Snapshot]) -> datetime:
+    """The time the buckets count back from: ``min(now, newest creation + CLOCK_SLACK)``
+    (``now`` alone when there are no snapshots)."""
+    now_utc = _as_utc(now)
+    newest = max((snap.creation for snap in snapshots), default=None)
+    if newest is None:
+        return now_utc
+    return min(now_utc, datetime.fromtimestamp(newest, UTC) + CLOCK_SLACK)
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class ClockImplausible:
+    """``now`` is more than ``CLOCK_IMPLAUSIBLE`` after every snapshot the run saw."""
+
+    now: datetime
+    newest: datetime  # the newest snapshot creation known, disk or server
+
+    def explain(self) -> str:
+        return (
+            f"clock looks wrong: now is {_stamp(self.now)}, newest snapshot is "
+            f"{_stamp(self.newest)} (more than {CLOCK_IMPLAUSIBLE.days} days apart); "
+            "not pruning"
+        )
+
+
+def check_clock(
+    now: datetime | float, *, newest_disk: int | None, newest_server: int | None
+) -> ClockImplausible | None:
+    """Whether ``now`` can be believed for pruning: not when it is more than
+    ``CLOCK_IMPLAUSIBLE`` after the disk's newest snapshot AND after the newest server
+    snapshot the run saw (creation times, seconds since the epoch; ``None``: none
+    known). With neither known there is nothing to judge by: believed."""
+    known = [stamp for stamp in (newest_disk, newest_server) if stamp is not None]
+    if not known:
+        return None
+    now_utc = _as_utc(now)
+    newest = datetime.fromtimestamp(max(known), UTC)
+    if now_utc - newest > CLOCK_IMPLAUSIBLE:
+        return ClockImplausible(now_utc, newest)
+    return None
+
+
 def select_for_destroy(
     snapshots: Iterable[Snapshot],
     policy: RetentionPolicy,
@@ -156,11 +218,13 @@ def select_for_destroy(
     """Decide which snapshots of one dataset to destroy.
 
     ``protect`` holds guids (optionally mapped to a reason, e.g. "newest common snapshot").
-    Snapshots are ordered by ``createtxg``; buckets use ``creation`` (UTC). A snapshot
-    created after ``now`` (clock skew) is kept: nothing is destroyed on a guess.
+    Snapshots are ordered by ``createtxg``; buckets use ``creation`` (UTC) and count back
+    from ``reference_time`` (``now``, but never more than ``CLOCK_SLACK`` after the
+    newest snapshot). A snapshot created after ``now`` (clock skew) is kept: nothing is
+    destroyed on a guess.
     """
     ordered = sorted(snapshots, key=lambda snap: (snap.createtxg, snap.guid))
-    now_utc = _as_utc(now)
+    now_utc = reference_time(now, ordered)
     reasons: list[list[str]] = [[] for _ in ordered]
     protected = _protect_reasons(protect)
 

@@ -1,10 +1,19 @@
 """One dataset's replication within a run: plan, transfer each step, move this disk's
 cursor, prune the server's own snapshots, then the disk's.
 
-The pure helpers (``send_argv``, ``held_snapshot_name``, ``snapshot_filter``,
-``retention_policy``) decide; ``DatasetReplication`` carries them out. A dataset's
-failure is its own (recorded, the run goes on) unless the disk itself is gone or
-refused (``PoolSuspended``, ``WrongDiskKey``), which ends the session.
+The pure helpers (``steps.py``: ``send_argv``, ``held_snapshot_name``,
+``snapshot_filter``, ``retention_policy``, ``read_resume_token``, …) decide;
+``DatasetReplication`` carries them out. A dataset's failure is its own (recorded, the
+run goes on) unless the disk itself is gone or refused (``PoolSuspended``,
+``WrongDiskKey``), which ends the session.
+
+The chain heals itself once per run where it safely can: a partial receive whose resume
+cannot work (its snapshot or base gone from the server, an unreadable token, a resume the
+server refuses) is aborted (``zfs receive -A``) with a warning saying why, and the dataset
+planned afresh; a step that runs out of space prunes this dataset on the disk per policy
+(never the common base, the cursor's snapshot or a partial receive's base) and is retried
+once, else fails naming the bytes needed and free. Pruning believes the clock only when
+it is within two days of the data (``retention.check_clock``).
 """
 
 from __future__ import annotations
@@ -16,11 +25,11 @@ from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger
 
-from zbackupd.config import Config, Disk, Source, SourceDataset
+from zbackupd.config import Config, Disk, Source
 from zbackupd.core import idle
 from zbackupd.core import plan as planner
-from zbackupd.core.model import Bookmark, DatasetState, Encryption, Snapshot
-from zbackupd.core.retention import RetentionPolicy, protections, select_for_destroy
+from zbackupd.core.conflicts import ResumeTokenInfo, ResumeTokenMismatch
+from zbackupd.core.model import Bookmark, DatasetState, Snapshot
 from zbackupd.core.status import Phase, Progress, human_bytes
 from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.server.cleanup import clean_up_dataset
@@ -32,16 +41,30 @@ from zbackupd.server.transfer import (
     TransferResult,
     stream,
 )
+from zbackupd.service.disk_copy import DiskCopy
 from zbackupd.service.pool import WrongDiskKey
 from zbackupd.service.source_run import SourceDatasetInfo
+from zbackupd.service.steps import (
+    causes_of,
+    first_line,
+    held_snapshot_name,
+    mismatch_reason,
+    read_resume_token,
+    refused_resume,
+    retention_policy,
+    send_argv,
+    snapshot_filter,
+    step_target,
+)
 from zbackupd.service.store import DatasetResult
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import Runner
 
-#: A resume may reveal another resume (a second interrupted stream): bounded re-planning.
-MAX_REPLANS = 4
+#: A resume may reveal another resume (a second interrupted stream), an abort or a prune
+#: for space asks for a fresh plan: bounded re-planning.
+MAX_REPLANS = 6
 
 
 class Report(Protocol):
@@ -58,66 +81,6 @@ class DatasetOutcome:
 
     result: DatasetResult
     problem: str | None = None
-
-
-def snapshot_filter(config: SourceDataset) -> planner.SnapshotFilter:
-    if config.snapshots == "reuse" and config.reuse_pattern is not None:
-        return planner.SnapshotFilter(reuse_patterns=(config.reuse_pattern,))
-    return planner.SnapshotFilter(own_prefix=config.snapshot_prefix + "_")
-
-
-def retention_policy(config: Config, disk: Disk) -> RetentionPolicy:
-    kept = config.retention_for(disk)
-    return RetentionPolicy(
-        keep_last=kept.keep_last,
-        hourly=kept.hourly,
-        daily=kept.daily,
-        weekly=kept.weekly,
-        monthly=kept.monthly,
-        yearly=kept.yearly,
-    )
-
-
-def send_argv(
-    step: planner.TransferStep, mode: Encryption, *, estimate: bool = False
-) -> tuple[str, ...]:
-    """The server-side ``zfs send`` for one planned step (``-w`` or ``-L -c`` by ``mode``)."""
-    if isinstance(step, planner.Resume):
-        return zargv.send_resume(step.token, estimate=estimate)
-    if isinstance(step, planner.FullSend):
-        return zargv.send_full(step.snapshot.name, mode, estimate=estimate)
-    return zargv.send_incremental(
-        step.from_.name, step.to.name, mode, intermediates=step.intermediates, estimate=estimate
-    )
-
-
-def held_snapshot_name(step: planner.TransferStep) -> str | None:
-    """The server snapshot a step sends up to: held on the server while it travels and,
-    if the stream is interrupted, until the resume lands (``zfs send -t`` needs it)."""
-    if isinstance(step, planner.FullSend):
-        return step.snapshot.name
-    if isinstance(step, planner.IncrementalSend):
-        return step.to.name
-    try:
-        return zargv.decode_resume_token(step.token).toname
-    except zargv.InvalidArgument:
-        return None  # the resume itself reports the bad token
-
-
-def step_target(
-    step: planner.TransferStep, server_snapshots: Sequence[Snapshot]
-) -> Snapshot | None:
-    """The server snapshot the disk holds once ``step`` has landed (where this disk's
-    cursor then points), None when the listing does not have it."""
-    if isinstance(step, planner.FullSend):
-        return step.snapshot
-    if isinstance(step, planner.IncrementalSend):
-        return step.to
-    try:
-        guid = zargv.decode_resume_token(step.token).toguid
-    except zargv.InvalidArgument:
-        return None
-    return next((snap for snap in server_snapshots if snap.guid == guid), None)
 
 
 class Streamer(Protocol):
@@ -169,6 +132,8 @@ class DatasetReplication:
         self._report = report
         self._log = log
         self._dataset_log = log.bind(dataset=info.name, target=info.target)
+        self._copy = DiskCopy(info.target, zfs=zfs, policy=retention_policy(config, disk),
+                              now=now, log=self._dataset_log)  # fmt: skip
         self._index = index
         self._total = total
         self._stream = streamer
@@ -177,6 +142,15 @@ class DatasetReplication:
         self._cursors: list[Bookmark] = []
         #: The server's snapshots of this dataset in this run's listing.
         self._server_snapshots: tuple[Snapshot, ...] = ()
+        #: The size estimate of the step last started (for an out-of-space message).
+        self._estimate_bytes: int | None = None
+        #: What a prune for space destroyed (None: none tried; one per run).
+        self._pruned_for_space: tuple[str, ...] | None = None
+        #: Bytes sent by completed steps; the snapshot the disk holds as its newest.
+        self._sent = 0
+        self._final: Snapshot | None = None
+        #: Up to date with the cursor at the base (``idle.is_settled``): no server work.
+        self._settled = False
 
     async def run(
         self, snapshots: Sequence[Snapshot], bookmarks: Sequence[Bookmark]
@@ -190,47 +164,16 @@ class DatasetReplication:
         )
         self._server_snapshots = server.snapshots
         self._cursors = list(cursors_of(server.bookmarks, self.disk.label))
-        sent = 0
-        outcome = "up to date"
         problem: str | None = None
-        final: Snapshot | None = None
-        settled = False  # up to date, cursor at the base: nothing to move or prune
         try:
-            for _ in range(MAX_REPLANS):
-                disk, received_as = await self._disk_state()
-                dataset_plan = planner.plan_dataset(
-                    server=server,
-                    disk=disk,
-                    encryption=info.encryption,
-                    cursor=self.cursor,
-                    snapshot_filter=snapshot_filter(info.config),
-                    disk_encryption=received_as,
-                )
-                self._dataset_log.info(f"planned: {dataset_plan.explain()}",
-                                       plan=dataset_plan.explain())
-                dataset_plan.raise_for_conflict()
-                if dataset_plan.is_up_to_date:
-                    final = dataset_plan.common_base
-                    settled = outcome == "up to date" and idle.is_settled(dataset_plan,
-                                                                          self._cursors)
-                    break
-                try:
-                    for step in dataset_plan.transfers:
-                        sent += await self._transfer(step)
-                except (parse.PoolSuspended, WrongDiskKey):
-                    raise
-                except ZbackupdError:
-                    await self._cursor_to_disk()
-                    raise
-                outcome = "sent"
-                final = dataset_plan.final_snapshot
-                if not dataset_plan.replan_after:
-                    break
-            if final is not None and not settled:
+            outcome = await self._replicate(server)
+            final = self._final
+            if final is not None and not self._settled:
                 await self._move_cursor(final)
                 await self.prune_server(final)
             self._report(Phase.PRUNING, info.target)
-            await self._prune_disk(final, self.cursor)
+            await self._copy.prune(common_base=final, cursor=self.cursor,
+                                   server_snapshots=self._server_snapshots)  # fmt: skip
         except planner.PlanConflictError as error:
             outcome = f"conflict: {error}"
             problem = f"{info.name}: {error}"
@@ -242,21 +185,95 @@ class DatasetReplication:
             problem = f"{info.name}: {error}"
             self._dataset_log.error("dataset failed", error=str(error),
                                     error_type=type(error).__name__, transient=error.transient)
+        final = self._final
         return DatasetOutcome(
-            DatasetResult(info.name, outcome, sent, final.short_name if final else None),
+            DatasetResult(info.name, outcome, self._sent, final.short_name if final else None),
             problem,
         )
 
-    async def _disk_state(self) -> tuple[DatasetState | None, Encryption | None]:
-        target = self.info.target
-        try:
-            state = await self._zfs.dataset_state(target)
-        except parse.DatasetNotFound:
-            return None, None
-        props = await self._zfs.get_properties([target], ["encryptionroot"])
-        root = props.get(target, {}).get("encryptionroot")
-        received_as = Encryption.ENCRYPTED if root == target else Encryption.PLAIN
-        return state, received_as
+    async def _replicate(self, server: DatasetState) -> str:
+        """Plan and transfer until the disk holds the newest selected snapshot (re-planning
+        after a resume, an aborted partial receive or a prune for space): "sent" or "up
+        to date". ``_final`` is then the server snapshot the disk holds as its newest."""
+        outcome = "up to date"
+        for _ in range(MAX_REPLANS):
+            dataset_plan = await self._plan(server)
+            if dataset_plan is None:
+                continue  # a partial receive was aborted: plan afresh
+            if dataset_plan.is_up_to_date:
+                self._final = dataset_plan.common_base
+                # Nothing sent and the cursor at the base: nothing to move or prune.
+                self._settled = outcome == "up to date" and idle.is_settled(dataset_plan,
+                                                                            self._cursors)
+                break
+            try:
+                for step in dataset_plan.transfers:
+                    self._sent += await self._transfer(step)
+            except (parse.PoolSuspended, WrongDiskKey):
+                raise
+            except ZbackupdError as error:
+                if await self._heal(error, dataset_plan):
+                    continue
+                raise
+            outcome = "sent"
+            self._final = dataset_plan.final_snapshot
+            if not dataset_plan.replan_after:
+                break
+        return outcome
+
+    async def _plan(self, server: DatasetState) -> planner.DatasetPlan | None:
+        """The plan from the disk as it is now; None when a partial receive that cannot
+        be resumed (unreadable token, snapshot or base gone) was aborted instead."""
+        disk, received_as = await self._copy.state()
+        token_info: ResumeTokenInfo | None = None
+        if disk is not None and disk.receive_resume_token:
+            read = read_resume_token(disk.receive_resume_token)
+            if isinstance(read, str):
+                await self._copy.abort_partial(read)
+                return None
+            token_info = read
+        dataset_plan = planner.plan_dataset(
+            server=server,
+            disk=disk,
+            encryption=self.info.encryption,
+            cursor=self.cursor,
+            snapshot_filter=snapshot_filter(self.info.config),
+            resume_token_info=token_info,
+            disk_encryption=received_as,
+        )
+        self._dataset_log.info(f"planned: {dataset_plan.explain()}", plan=dataset_plan.explain())
+        if isinstance(dataset_plan.conflict, ResumeTokenMismatch):
+            await self._copy.abort_partial(mismatch_reason(dataset_plan.conflict))
+            return None
+        dataset_plan.raise_for_conflict()
+        return dataset_plan
+
+    async def _heal(self, error: ZbackupdError, dataset_plan: planner.DatasetPlan) -> bool:
+        """After a failed step: True to plan again (a resume the server refused was
+        aborted; an out-of-space step made room by pruning), False to fail with ``error``
+        (the cursor then follows what the disk holds)."""
+        causes = causes_of(error)
+        refused = refused_resume(causes)
+        if refused is not None and not self._copy.aborts:
+            await self._copy.abort_partial(
+                f"the server refused to resume it ({first_line(refused.stderr)})")
+            return True
+        await self._cursor_to_disk()
+        if not any(isinstance(cause, parse.OutOfSpace) for cause in causes):
+            return False
+        if self._pruned_for_space is None:
+            # Per policy, keeping the common base, the cursor's and a partial's base.
+            self._pruned_for_space = await self._copy.prune(
+                common_base=dataset_plan.common_base, cursor=self.cursor,
+                server_snapshots=self._server_snapshots)  # fmt: skip
+            if self._pruned_for_space:
+                self._dataset_log.warning(
+                    f"out of space receiving {self.info.target}: pruned "
+                    f"{len(self._pruned_for_space)} snapshot(s) per the retention policy, "
+                    "retrying once", destroyed=list(self._pruned_for_space))
+                return True
+        raise await self._copy.does_not_fit(
+            needed=self._estimate_bytes, pruned=self._pruned_for_space or ()) from error
 
     async def _estimate(self, step: planner.TransferStep) -> int | None:
         """The size for the ETA: from the dataset listing for a one-interval increment to
@@ -284,7 +301,7 @@ class DatasetReplication:
                 f"{info.target} exists on the disk without snapshots; a full receive would "
                 "overwrite it: destroy it on the disk to let zbackupd send it afresh"
             )
-        estimate = await self._estimate(step)
+        estimate = self._estimate_bytes = await self._estimate(step)
         tag = names.hold_tag(self.disk.label)
         held = held_snapshot_name(step)
         if held is not None and not isinstance(step, planner.Resume):
@@ -350,7 +367,7 @@ class DatasetReplication:
         the server, if that is newer than the cursor (an ``-I`` stream cut midway leaves
         the snapshots before the cut). A failure here only warns: the step's is the error."""
         try:
-            disk, _ = await self._disk_state()
+            disk, _ = await self._copy.state()
             if disk is None:
                 return
             base = planner.newest_common_snapshot(self._server_snapshots, (), disk.snapshots)
@@ -431,25 +448,3 @@ class DatasetReplication:
             self._log.info(f"pruned {len(decision.destroy)} own snapshot(s) of {info.name} "
                            "on the server", dataset=info.name,
                            destroyed=list(decision.short_names))
-
-    async def _prune_disk(self, final: Snapshot | None, cursor: Bookmark | None) -> None:
-        state, _ = await self._disk_state()
-        if state is None or not state.snapshots:
-            return
-        keep = protections(
-            state.snapshots,
-            common_base=next((s for s in state.snapshots if final and s.guid == final.guid),
-                             None),
-            cursor=cursor,
-        )
-        decision = select_for_destroy(
-            state.snapshots,
-            retention_policy(self.config, self.disk),
-            now=self._now(),
-            protect=keep,
-        )
-        if decision.destroy:
-            doomed = [s.short_name for s in decision.destroy]
-            await self._zfs.destroy_snapshots(self.info.target, doomed)
-            self._log.info(f"pruned {len(doomed)} snapshot(s) of {self.info.target}",
-                           dataset=self.info.target, destroyed=doomed)

@@ -44,7 +44,9 @@ ESTIMATE_FLAGS = "-nvP"
 #: Dataset properties zbackupd reads with ``zfs get``, on its own disk pools only: the
 #: daemon reads nothing of the server with ``zfs get`` (what it needs comes from ``zfs
 #: list -o``), so ``get`` is not in ``REMOTE_SHAPES`` and the gate refuses every one.
-DATASET_PROPERTIES = frozenset({"encryptionroot", "keystatus", "receive_resume_token", "written"})
+DATASET_PROPERTIES = frozenset(
+    {"available", "encryptionroot", "keystatus", "receive_resume_token", "written"}
+)
 #: Pool properties zbackupd reads with ``zpool get``.
 POOL_PROPERTIES = frozenset(
     {

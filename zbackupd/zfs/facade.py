@@ -66,6 +66,16 @@ class Zfs:
         result = await self._run(zargv.get_properties(datasets, properties))
         return parse.parse_properties(result.text)
 
+    async def available_bytes(self, dataset: str) -> int:
+        """``zfs get -H -p available``: the bytes ``dataset`` can still take (a pool's
+        root dataset: the pool's free space)."""
+        props = await self.get_properties([dataset], ["available"])
+        value = props.get(dataset, {}).get("available", "")
+        if not value.isdigit():
+            raise parse.ParseError("property listing", f"{dataset}\tavailable\t{value}",
+                                   "available is not a byte count")
+        return int(value)
+
     async def dataset_state(self, dataset: str) -> DatasetState:
         """What the planner needs about one target dataset: snapshots, bookmarks, the
         resume token and bytes written since the last snapshot.
