@@ -117,7 +117,8 @@ async def _stop_here(
         return True
     if state.freeze_after_bytes is not None and written >= state.freeze_after_bytes:
         connection = process.get_extra_info("connection")
-        connection._transport.pause_reading()  # noqa: SLF001 -- the test's cable cut
+        # asyncssh has no public way to stop reading: its transport is the cable to cut.
+        connection._transport.pause_reading()
         await state.released.wait()
         connection.abort()
         return True

@@ -239,7 +239,9 @@ class Daemon:
     async def _connect(self, source: Source) -> RemoteHost:
         if self._client_key is None:
             raise PermanentError("locked: the SSH key is not available")
-        return await remote.connect(remote.SshTarget.from_source(source), self._client_key)
+        target = remote.SshTarget.from_source(
+            source, command_timeout=float(self.config.daemon.stall_timeout_seconds))
+        return await remote.connect(target, self._client_key)
 
     # -- udev ----------------------------------------------------------------------------
 
