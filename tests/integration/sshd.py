@@ -60,6 +60,14 @@ class FakeServerState:
     send_stderr: str = ""
     #: Abort the whole connection once this many bytes were written (a pulled cable).
     drop_after_bytes: int | None = None
+    #: Stop writing once this many bytes were written, the connection still answering (a
+    #: ``zfs send`` hung on the server): until ``released`` is set.
+    hang_after_bytes: int | None = None
+    #: Go silent once this many bytes were written: nothing written, nothing read, not
+    #: even keepalives answered (a cut cable, as the client sees it): until ``released``.
+    freeze_after_bytes: int | None = None
+    #: Set when the fixture ends: hung and frozen senders give up then.
+    released: asyncio.Event = field(default_factory=asyncio.Event)
     commands: list[tuple[str, ...]] = field(default_factory=list)
     sent: list[SentStream] = field(default_factory=list)
     open_processes: int = 0
@@ -85,6 +93,8 @@ async def _emulate_send(process: asyncssh.SSHServerProcess[bytes], state: FakeSe
             ):
                 process.get_extra_info("connection").abort()
                 return 141
+            if await _stop_here(process, state, stream.bytes_written):
+                return 141
             if state.chunk_delay:
                 await asyncio.sleep(state.chunk_delay)
     except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged, asyncssh.SignalReceived):
@@ -96,6 +106,23 @@ async def _emulate_send(process: asyncssh.SSHServerProcess[bytes], state: FakeSe
     if state.send_stderr:
         process.stderr.write(state.send_stderr.encode())
     return state.send_exit_status
+
+
+async def _stop_here(
+    process: asyncssh.SSHServerProcess[bytes], state: FakeServerState, written: int
+) -> bool:
+    """Hang or freeze (see ``FakeServerState``) once ``written`` reaches the knob."""
+    if state.hang_after_bytes is not None and written >= state.hang_after_bytes:
+        await state.released.wait()
+        return True
+    if state.freeze_after_bytes is not None and written >= state.freeze_after_bytes:
+        connection = process.get_extra_info("connection")
+        # asyncssh has no public way to stop reading: its transport is the cable to cut.
+        connection._transport.pause_reading()
+        await state.released.wait()
+        connection.abort()
+        return True
+    return False
 
 
 async def _handle(process: asyncssh.SSHServerProcess[bytes], state: FakeServerState) -> None:
@@ -172,6 +199,7 @@ async def fake_server() -> AsyncIterator[FakeServer]:
     try:
         yield FakeServer(port, host_key, client_key, state, server)
     finally:
+        state.released.set()
         server.close()
         await server.wait_closed()
 

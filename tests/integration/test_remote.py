@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import socket
@@ -18,6 +19,7 @@ from zbackupd.server.remote import (
     AuthenticationRejected,
     HostKeyRejected,
     InvalidHostKey,
+    RemoteCommandTimeout,
     RemoteUnavailable,
     SshTarget,
     connect,
@@ -156,6 +158,48 @@ async def test_command_timeout_is_transient_and_the_channel_is_closed(
         again = await remote.run(["echo-argv", "still", "here"])
     assert caught.value.transient is True
     assert json.loads(again.stdout) == ["still", "here"]
+
+
+async def test_every_command_is_bounded_by_the_targets_command_timeout(
+    fake_server: FakeServer,
+) -> None:
+    """No caller passes a timeout: a hung server-side command still ends, as a typed
+    transient error naming the server, and the link is not counted as lost."""
+    target = fake_server.target(command_timeout=0.3)
+    async with await connect(target, fake_server.client_key) as remote:
+        with pytest.raises(RemoteCommandTimeout) as caught:
+            await asyncio.wait_for(remote.run(["sleep", "30"]), 5)
+        assert remote.link_failure is None
+    error = caught.value
+    assert error.transient is True
+    assert (error.host, error.port, error.timeout) == ("127.0.0.1", fake_server.port, 0.3)
+    assert "did not finish within 0.3s" in str(error)
+
+
+async def test_a_dropped_link_is_remembered_by_the_connection(fake_server: FakeServer) -> None:
+    remote = await connect(fake_server.target(), fake_server.client_key)
+    try:
+        assert remote.link_failure is None
+        with pytest.raises(RemoteUnavailable) as caught:
+            await remote.run(["drop"])
+        assert remote.link_failure is caught.value
+    finally:
+        remote.close()
+        await remote.wait_closed()
+
+
+def test_the_target_takes_keepalives_from_the_source_and_the_command_timeout() -> None:
+    class Source:
+        host, port, user, host_key = "nas", 2222, "zbackupd", _any_host_key()
+        ciphers = ("aes128-gcm@openssh.com",)
+        window_bytes = 1 << 20
+        keepalive_interval = 5.0
+        keepalive_count_max = 3
+
+    target = SshTarget.from_source(Source(), command_timeout=120.0)
+    assert (target.keepalive_interval, target.keepalive_count_max) == (5.0, 3)
+    assert target.command_timeout == 120.0
+    assert SshTarget("h", "u", "k").command_timeout == 300.0
 
 
 async def test_negotiates_aes_gcm_first(fake_server: FakeServer) -> None:

@@ -21,7 +21,7 @@ import pytest
 from tests.integration.sshd import FakeServer, fake_server
 from zbackupd.errors import CommandError
 from zbackupd.server.remote import RemoteHost, RemoteUnavailable, connect
-from zbackupd.server.transfer import TransferFailed, TransferProgress, stream
+from zbackupd.server.transfer import TransferFailed, TransferProgress, TransferStalled, stream
 from zbackupd.zfs.parse import DestinationModified
 from zbackupd.zfs.runner import LocalRunner
 
@@ -227,6 +227,86 @@ async def test_dropped_link_mid_transfer_is_a_transient_send_failure(
     assert isinstance(error.cause, RemoteUnavailable)
     assert error.transient is True
     assert 0 < error.bytes_transferred < 64 * MiB
+    assert child_pids() == set()
+
+
+async def test_a_send_that_stops_sending_is_a_transient_stall(
+    fake_server: FakeServer, remote: RemoteHost
+) -> None:
+    """The server's ``zfs send`` hangs after 2 MiB (the connection still answers): the
+    step is aborted after ``stall_timeout`` without a byte, the receive killed (``zfs
+    receive -s`` keeps its resume token), the channel closed."""
+    fake_server.state.send_size = 64 * MiB
+    fake_server.state.hang_after_bytes = 2 * MiB
+    fds_before = open_fds()
+    started = time.monotonic()
+    with pytest.raises(TransferStalled) as caught:
+        await asyncio.wait_for(
+            stream(remote, SEND, LocalRunner(), receiver(EXPECT_BYTES, 64 * MiB),
+                   stall_timeout=0.5),
+            10,
+        )
+    elapsed = time.monotonic() - started
+    error = caught.value
+    assert error.transient is True
+    assert error.stalled_for == 0.5
+    assert error.bytes_transferred == 2 * MiB
+    assert error.send_argv == SEND
+    assert "no data moved for 0.5 s after 2097152 bytes" in str(error)
+    assert elapsed < 5, elapsed
+    assert child_pids() == set()
+    await _until(lambda: open_fds() == fds_before)
+    again = await remote.run(["echo-argv", "ok"])  # the connection itself is still good
+    assert again.returncode == 0
+
+
+async def test_a_receiver_that_stops_reading_is_a_stall_too(fake_server: FakeServer) -> None:
+    """A USB bridge that stops answering: the receive stops reading, the pipe and the
+    window fill, no byte moves: the same abort."""
+    fake_server.state.send_size = 64 * MiB
+    async with await connect(
+        fake_server.target(window_bytes=1 * MiB), fake_server.client_key
+    ) as remote:
+        with pytest.raises(TransferStalled) as caught:
+            await asyncio.wait_for(
+                stream(remote, SEND, LocalRunner(), receiver(STALL_AFTER, 1 * MiB, 60),
+                       stall_timeout=0.5),
+                10,
+            )
+    assert caught.value.transient is True
+    assert caught.value.bytes_transferred < 8 * MiB
+    assert child_pids() == set()
+
+
+async def test_a_slow_transfer_that_keeps_moving_is_no_stall(
+    fake_server: FakeServer, remote: RemoteHost
+) -> None:
+    fake_server.state.send_size = 4 * MiB
+    fake_server.state.chunk_delay = 0.1  # 16 chunks: 1.6 s, never 0.5 s without a byte
+    result = await stream(remote, SEND, LocalRunner(), receiver(EXPECT_BYTES, 4 * MiB),
+                          stall_timeout=0.5)
+    assert result.bytes_transferred == 4 * MiB
+
+
+async def test_a_silent_link_mid_transfer_is_detected_by_keepalives(
+    fake_server: FakeServer,
+) -> None:
+    """The cable is cut: the server neither sends nor answers keepalives. Without any
+    stall timeout the keepalives (interval x count) end the transfer, as transient."""
+    fake_server.state.send_size = 64 * MiB
+    fake_server.state.freeze_after_bytes = 2 * MiB
+    target = fake_server.target(keepalive_interval=0.2, keepalive_count_max=3)
+    async with await connect(target, fake_server.client_key) as remote:
+        started = time.monotonic()
+        with pytest.raises(TransferFailed) as caught:
+            await asyncio.wait_for(
+                stream(remote, SEND, LocalRunner(), receiver(EXPECT_BYTES, 64 * MiB)), 10
+            )
+        elapsed = time.monotonic() - started
+    assert isinstance(caught.value.cause, RemoteUnavailable)
+    assert caught.value.transient is True
+    assert "keepalive" in str(caught.value)
+    assert elapsed < 3, elapsed
     assert child_pids() == set()
 
 

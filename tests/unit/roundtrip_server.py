@@ -315,7 +315,9 @@ class RoundTripWorld:
         before = len(self.server.commands)
         try:
             for source in self.config.sources_for(run.disk):
-                await run._back_up_source(source)
+                failure = await run._attempt(source)  # one try, as the session makes it
+                if failure is not None:
+                    raise failure
         finally:
             run._in_use.release()
         return self.server.commands[before:], run

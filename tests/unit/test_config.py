@@ -693,3 +693,22 @@ def test_reuse_pattern_matches_short_snapshot_names() -> None:
     assert entry.reuses_snapshot("autosnap_2024-05-01_00:00:01_daily")
     assert not entry.reuses_snapshot("autosnap_2024-05-01_00:00:01_hourly")
     assert not dataset().reuses_snapshot("autosnap_x_daily")
+
+
+def test_retry_stall_and_keepalive_defaults_and_overrides() -> None:
+    """Issue 12 #4/#8: retries of transient failures, stall detection, keepalives."""
+    config = parse(source_block() + disk_block())
+    daemon, source = config.daemon, config.sources[0]
+    assert daemon.retry_window_seconds == 600
+    assert daemon.retry_backoff_seconds == (10, 20, 40, 80, 120)
+    assert daemon.stall_timeout_seconds == 300
+    assert (source.keepalive_interval, source.keepalive_count_max) == (15.0, 4)
+    tuned = parse(
+        "[daemon]\nretry_window_seconds = 0\nretry_backoff_seconds = [5]\n"
+        "stall_timeout_seconds = 20\n"
+        + source_block(extra="keepalive_interval = 5\nkeepalive_count_max = 3")
+    )
+    assert tuned.daemon.retry_window_seconds == 0
+    assert tuned.daemon.retry_backoff_seconds == (5,)
+    assert tuned.daemon.stall_timeout_seconds == 20
+    assert tuned.sources[0].keepalive_count_max == 3

@@ -47,12 +47,13 @@ class BackupDisk:
         return temporary_pool_name(self.label)
 
 
-def _config(server: BackupServer, vm: Vm) -> str:
+def _config(server: BackupServer, vm: Vm, *, daemon: str = "", source: str = "") -> str:
     host_key = vm.run(f"cut -d' ' -f1,2 {SERVER_DIR}/ssh_host_ed25519_key.pub").stdout.strip()
     datasets = "".join(f'\n[[sources.datasets]]\nroot = "{root}"\n' for root in ROOTS)
     return (
-        f'[[sources]]\nname = "{SOURCE_NAME}"\nhost = "{server.address}"\nuser = "root"\n'
-        f'host_key = "{host_key}"\n{datasets}\n'
+        (f"[daemon]\n{daemon}\n" if daemon else "")
+        + f'[[sources]]\nname = "{SOURCE_NAME}"\nhost = "{server.address}"\nuser = "root"\n'
+        f'host_key = "{host_key}"\n{source}\n{datasets}\n'
         "[retention]\nkeep_last = 2\ndaily = 0\nweekly = 0\nmonthly = 0\nyearly = 0\n"
     )
 
@@ -65,14 +66,17 @@ def _gate_config() -> str:
     )
 
 
-def first_setup(vm: Vm, server: BackupServer) -> str:
+def first_setup(vm: Vm, server: BackupServer, *, daemon: str = "", source: str = "") -> str:
     """Config, key store, SSH identity authorised on the server through the gate, on a
     guest where zbackupd is installed (``topology.install_zbackupd``, once per VM).
+    ``daemon``: lines of a ``[daemon]`` block; ``source``: further keys of the source
+    (e.g. shorter retries and keepalives for the network faults).
 
     Returns the ``authorized_keys`` line keygen printed.
     """
     vm.run("systemctl stop zbackupd 2>/dev/null || true; rm -rf /var/lib/zbackupd /etc/zbackupd")
-    vm.run(f"install -D -m 0644 /dev/stdin {CONFIG_PATH}", stdin=_config(server, vm).encode())
+    config = _config(server, vm, daemon=daemon, source=source)
+    vm.run(f"install -D -m 0644 /dev/stdin {CONFIG_PATH}", stdin=config.encode())
     vm.run(f"install -D -m 0644 /dev/stdin {GATE_CONFIG}", stdin=_gate_config().encode())
     vm.run("zbackupd keysetup --kdf-seconds 0.3 --passphrase-stdin", stdin=PASSPHRASE,
            timeout=300)

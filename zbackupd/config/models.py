@@ -49,6 +49,14 @@ DEFAULT_CIPHERS: Final = (
 SUPPORTED_CIPHERS: Final = frozenset({*DEFAULT_CIPHERS, "aes128-ctr", "aes192-ctr", "aes256-ctr"})
 DEFAULT_WINDOW_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_KEEPALIVE_INTERVAL: Final = 15.0
+#: 15 s x 4 unanswered keepalives: a cut link is noticed within about a minute.
+DEFAULT_KEEPALIVE_COUNT_MAX: Final = 4
+#: Retries of a source after a transient failure (issue 12): for up to ten minutes, after
+#: these waits, the last one repeated.
+DEFAULT_RETRY_WINDOW_SECONDS: Final = 600
+DEFAULT_RETRY_BACKOFF_SECONDS: Final = (10, 20, 40, 80, 120)
+#: No byte moved for this long: the transfer step is aborted (and resumed on a retry).
+DEFAULT_STALL_TIMEOUT_SECONDS: Final = 300
 DEFAULT_SNAPSHOT_PREFIX: Final = names.DEFAULT_PREFIX
 DEFAULT_KEEP_OWN_SNAPSHOTS: Final = 1
 
@@ -151,6 +159,8 @@ class Source(_Model):
     )
     window_bytes: WindowBytes = DEFAULT_WINDOW_BYTES
     keepalive_interval: float = Field(default=DEFAULT_KEEPALIVE_INTERVAL, gt=0, le=3600)
+    #: Unanswered keepalives before the link counts as dropped.
+    keepalive_count_max: int = Field(default=DEFAULT_KEEPALIVE_COUNT_MAX, ge=1, le=100)
     #: How many of zbackupd's newest own run snapshots stay on this server per dataset
     #: (``create`` mode); older ones are destroyed after a run (``server_prune.py``).
     keep_own_snapshots: int = Field(default=DEFAULT_KEEP_OWN_SNAPSHOTS, ge=1)
@@ -222,6 +232,16 @@ class DaemonSettings(_Model):
     metrics_file: AbsolutePath | None = None
     ssh_key_file: AbsolutePath = Path("/var/lib/zbackupd/ssh/id_ed25519")
     keys_dir: AbsolutePath = Path("/var/lib/zbackupd/keys")
+    #: How long after a source's first transient failure it may still be tried again
+    #: (while the disk stays attached); 0: never retried.
+    retry_window_seconds: int = Field(default=DEFAULT_RETRY_WINDOW_SECONDS, ge=0, le=86400)
+    #: The waits before the retries, the last one repeated.
+    retry_backoff_seconds: Annotated[
+        tuple[Annotated[int, Field(gt=0, le=3600)], ...], Field(min_length=1)
+    ] = DEFAULT_RETRY_BACKOFF_SECONDS
+    #: A transfer step that moves no byte for this long, or a remote command that takes
+    #: longer, is aborted as a transient failure (retried, resumed from its token).
+    stall_timeout_seconds: int = Field(default=DEFAULT_STALL_TIMEOUT_SECONDS, ge=1, le=86400)
 
     @model_validator(mode="after")
     def _metrics_file_is_prom(self) -> DaemonSettings:

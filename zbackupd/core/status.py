@@ -22,6 +22,7 @@ class Phase(Enum):
     PLANNING = "planning"
     TRANSFERRING = "transferring"
     PRUNING = "pruning"
+    RETRYING = "waiting to retry"  # a source failed transiently: tried again after a wait
     EXPORTING = "exporting"
     POWERING_OFF = "powering off"
     DONE = "done"
@@ -87,7 +88,7 @@ def keep_history(previous: DiskStatus | None, new: DiskStatus) -> DiskStatus:
 
 _ACTIVE = frozenset(
     {Phase.DETECTED, Phase.IMPORTING, Phase.UNLOCKING, Phase.CONNECTING, Phase.PLANNING,
-     Phase.TRANSFERRING, Phase.PRUNING, Phase.EXPORTING, Phase.POWERING_OFF}
+     Phase.TRANSFERRING, Phase.PRUNING, Phase.RETRYING, Phase.EXPORTING, Phase.POWERING_OFF}
 )
 
 
@@ -124,6 +125,8 @@ def describe_disk(disk: DiskStatus) -> str:
         count = f" ({p.datasets_done + 1}/{p.datasets_total})" if p.datasets_total else ""
         return (f"{disk.label}: {p.dataset}{count} {done}{total} "
                 f"at {human_bytes(p.rate)}/s{eta}")
+    if disk.phase is Phase.RETRYING and disk.message:
+        return f"{disk.label}: {disk.message}"  # "retrying server nas in 40 s, attempt 3/8: …"
     text = f"{disk.label}: {disk.phase.value}"
     return f"{text} — {disk.message}" if disk.message else text
 

@@ -7,6 +7,7 @@ every remote argv into a command line in exactly one place (``remote_command``).
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ DEFAULT_ENCRYPTION_ALGS: tuple[str, ...] = (
 )
 #: Bytes in flight per channel: a WAN bandwidth-delay product, not asyncssh's 2 MiB.
 DEFAULT_WINDOW = 16 * 1024 * 1024
+#: The longest a non-streaming remote command may take (``[daemon]
+#: stall_timeout_seconds`` in the daemon): a hung server must not hang the session.
+DEFAULT_COMMAND_TIMEOUT = 300.0
+#: How long a closing connection may take to say goodbye before its socket is dropped.
+CLOSE_TIMEOUT = 10.0
 
 #: Turns a failed remote command into the most specific typed error (the stderr parser).
 Classifier = Callable[[Sequence[str], int, str], CommandError]
@@ -67,6 +73,8 @@ class SourceLike(Protocol):
     def window_bytes(self) -> int: ...
     @property
     def keepalive_interval(self) -> float: ...
+    @property
+    def keepalive_count_max(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,8 @@ class SshTarget:
     #: Unanswered keepalives before the link counts as dropped (interval x count seconds).
     keepalive_count_max: int = 4
     connect_timeout: float = 30.0
+    #: The bound of every ``RemoteHost.run`` that names none (streams have their own).
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
 
     @classmethod
     def from_source(cls, source: SourceLike, **overrides: Any) -> SshTarget:
@@ -96,6 +106,7 @@ class SshTarget:
             "ciphers": tuple(source.ciphers),
             "window_bytes": source.window_bytes,
             "keepalive_interval": source.keepalive_interval,
+            "keepalive_count_max": source.keepalive_count_max,
         }
         settings.update(overrides)
         return cls(**settings)
@@ -162,6 +173,17 @@ class RemoteUnavailable(TransientError):
         super().__init__(f"SSH connection to {host}:{port} unavailable: {reason}")
 
 
+class RemoteCommandTimeout(CommandTimeout):
+    """A remote command did not finish in time: its channel was closed (transient)."""
+
+    def __init__(self, host: str, port: int, argv: Sequence[str], timeout: float) -> None:
+        self.host = host
+        self.port = port
+        super().__init__(argv, timeout)
+        self.args = (f"{host}:{port}: {self.argv[0]} did not finish within {timeout:g}s "
+                     "(channel closed)",)
+
+
 def _pinned_key(target: SshTarget) -> asyncssh.SSHKey:
     try:
         return asyncssh.import_public_key(target.host_key.strip())
@@ -174,12 +196,18 @@ class _PinnedClient(asyncssh.SSHClient):
 
     def __init__(self) -> None:
         self.offered_key: asyncssh.SSHKey | None = None
+        #: Why the connection ended, once it has (e.g. keepalives unanswered).
+        self.lost_reason: str | None = None
 
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
         self.offered_key = key
         return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.lost_reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
 
 
 async def connect(
@@ -234,7 +262,7 @@ async def connect(
         raise RemoteUnavailable(target.host, target.port, exc.reason) from None
     except OSError as exc:  # refused, unreachable, DNS, connect timeout (TimeoutError)
         raise RemoteUnavailable(target.host, target.port, str(exc) or type(exc).__name__) from None
-    return RemoteHost(target, conn, classify)
+    return RemoteHost(target, conn, classify, client)
 
 
 class _CountingProcess(asyncssh.SSHClientProcess[bytes]):
@@ -284,11 +312,19 @@ class RemoteHost:
     """An open connection to the backup server; runs argv commands there."""
 
     def __init__(
-        self, target: SshTarget, conn: asyncssh.SSHClientConnection, classify: Classifier
+        self,
+        target: SshTarget,
+        conn: asyncssh.SSHClientConnection,
+        classify: Classifier,
+        client: _PinnedClient | None = None,
     ) -> None:
         self.target = target
         self._conn = conn
         self._classify = classify
+        self._client = client
+        #: The first sign that this connection is gone (a drop, keepalives unanswered):
+        #: what made a command or stream fail, for the session's retry decision.
+        self.link_failure: RemoteUnavailable | None = None
 
     @property
     def negotiated_cipher(self) -> str:
@@ -298,19 +334,24 @@ class RemoteHost:
     async def run(
         self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None
     ) -> CommandResult:
-        """Run ``argv`` remotely to completion; raise the classified error when ``check``."""
+        """Run ``argv`` remotely to completion; raise the classified error when ``check``.
+
+        Bounded by ``timeout``, by default the target's ``command_timeout``: a command
+        that takes longer has its channel closed and raises ``RemoteCommandTimeout``.
+        """
         words = tuple(argv)
+        limit = self.target.command_timeout if timeout is None else timeout
         try:
             completed = await self._conn.run(
                 remote_command(words),
                 check=False,
-                timeout=timeout,
+                timeout=limit,
                 encoding=None,
                 stdin=asyncssh.DEVNULL,
                 window=self.target.window_bytes,
             )
         except asyncssh.TimeoutError:
-            raise CommandTimeout(words, timeout or 0.0) from None
+            raise RemoteCommandTimeout(self.target.host, self.target.port, words, limit) from None
         except (asyncssh.DisconnectError, asyncssh.ChannelOpenError, OSError) as exc:
             raise self.unavailable(exc) from None
         result = self.completed(words, completed)
@@ -347,9 +388,9 @@ class RemoteHost:
     ) -> CommandResult:
         """Turn asyncssh's result into ours; no exit status at all means the link dropped."""
         if completed.returncode is None:
-            raise RemoteUnavailable(
-                self.target.host, self.target.port, f"{argv[0]}: channel closed without exit status"
-            )
+            lost = self._client.lost_reason if self._client is not None else None
+            raise self._lost(f"{argv[0]}: channel closed without exit status"
+                             + (f" ({lost})" if lost else ""))
         stdout = completed.stdout if isinstance(completed.stdout, bytes) else b""
         stderr_raw = completed.stderr if isinstance(completed.stderr, bytes) else b""
         return CommandResult(
@@ -358,7 +399,13 @@ class RemoteHost:
 
     def unavailable(self, exc: BaseException) -> RemoteUnavailable:
         reason = getattr(exc, "reason", "") or str(exc) or type(exc).__name__
-        return RemoteUnavailable(self.target.host, self.target.port, str(reason))
+        return self._lost(str(reason))
+
+    def _lost(self, reason: str) -> RemoteUnavailable:
+        error = RemoteUnavailable(self.target.host, self.target.port, reason)
+        if self.link_failure is None:
+            self.link_failure = error
+        return error
 
     def close(self) -> None:
         self._conn.close()
@@ -370,5 +417,13 @@ class RemoteHost:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        """Close; a link that is gone cannot take the goodbye (the kernel would keep
+        retransmitting it for many minutes): after ``CLOSE_TIMEOUT`` the socket is dropped."""
         self.close()
-        await self.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.wait_closed()
+        except TimeoutError:
+            self._conn.abort()
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.wait_closed()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from zbackupd.errors import CommandError, ZbackupdError
+from zbackupd.errors import CommandError, TransientError, ZbackupdError
 from zbackupd.server.remote import (
     Classifier,
     RemoteHost,
@@ -31,6 +31,9 @@ from zbackupd.zfs.runner import CommandResult, Runner
 SENDER_GRACE_SECONDS = 30.0
 #: How long to wait for the server to confirm the channel close when tearing down.
 CLOSE_TIMEOUT_SECONDS = 5.0
+#: The stall watchdog looks at the byte count this often (at most; a quarter of the
+#: timeout when that is shorter): a stall is noticed within 1.25 x the timeout.
+STALL_POLL_SECONDS = 5.0
 
 Side = Literal["send", "receive"]
 
@@ -118,6 +121,25 @@ class TransferFailed(ZbackupdError):
         super().__init__(f"{side} failed after {bytes_transferred} bytes: {cause}")
 
 
+class TransferStalled(TransientError):
+    """No byte of the stream moved for ``stalled_for`` seconds while the send was still
+    running: a ``zfs send`` hung on the server, a link gone silent, or a receiver that
+    stopped reading (a USB bridge that no longer answers). The step was aborted (channel
+    closed, receive killed: ``zfs receive -s`` keeps its resume token), so a retry
+    resumes it."""
+
+    def __init__(
+        self, send_argv: Sequence[str], *, stalled_for: float, bytes_transferred: int
+    ) -> None:
+        self.send_argv = tuple(send_argv)
+        self.stalled_for = stalled_for
+        self.bytes_transferred = bytes_transferred
+        super().__init__(
+            f"no data moved for {stalled_for:g} s after {bytes_transferred} bytes: "
+            f"{' '.join(self.send_argv[:2])} aborted (the receive keeps its resume token)"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     """How one side ended: its result, or the error it ended with."""
@@ -187,13 +209,16 @@ async def stream(
     progress_interval: float = 1.0,
     classify_receive: Classifier = classify_error,
     clock: Callable[[], float] = time.monotonic,
+    stall_timeout: float | None = None,
 ) -> TransferResult:
     """Run ``send_argv`` on the server and pipe its stdout into local ``receive_argv``.
 
     Returns when both sides exited 0; raises ``TransferFailed`` naming the side that
     failed, with that side's stderr classified. Cancelling the calling task closes the
     channel, kills the receiver, waits for both and closes every descriptor.
-    ``on_progress`` is called at most once per ``progress_interval`` seconds.
+    ``on_progress`` is called at most once per ``progress_interval`` seconds. With
+    ``stall_timeout``, a stream that moves no byte for that long while the send runs is
+    torn down the same way and raises ``TransferStalled`` (transient).
     """
     progress = (
         _ProgressSettings(on_progress, progress_interval, estimated_total, clock)
@@ -203,7 +228,9 @@ async def stream(
     pipeline = _Pipeline(remote, runner, classify_receive, clock)
     try:
         await pipeline.start(send_argv, receive_argv, progress)
-        return await pipeline.finish()
+        if stall_timeout is None:
+            return await pipeline.finish()
+        return await pipeline.finish_unless_stalled(stall_timeout)
     finally:
         await pipeline.tear_down()
 
@@ -278,6 +305,46 @@ class _Pipeline:
         raise TransferFailed(
             side or "send", error, other=other_error, bytes_transferred=transferred
         ) from cause.error
+
+    async def finish_unless_stalled(self, timeout: float) -> TransferResult:
+        """``finish()``, unless the watchdog sees no byte move for ``timeout`` seconds
+        first: then ``TransferStalled`` (``tear_down`` aborts the channel and the receive)."""
+        finishing = asyncio.ensure_future(self.finish())
+        watchdog = asyncio.ensure_future(self._watch_for_stall(timeout))
+        try:
+            await asyncio.wait({finishing, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (finishing, watchdog):
+                task.cancel()
+            await asyncio.wait({finishing, watchdog})
+        if not finishing.cancelled():
+            return finishing.result()  # done first: its result, or its TransferFailed
+        if watchdog.cancelled():  # pragma: no cover -- one of the two finished
+            raise RuntimeError("the transfer ended without an outcome")
+        sender = self._sender
+        raise TransferStalled(
+            sender.argv if sender is not None else (),
+            stalled_for=timeout,
+            bytes_transferred=watchdog.result(),
+        )
+
+    async def _watch_for_stall(self, timeout: float) -> int:
+        """Returns the byte count once it has not moved for ``timeout`` seconds while the
+        send runs; never returns after the send ended (the whole stream is here)."""
+        sender, send_task = self._sender, self._send_task
+        if sender is None or send_task is None:
+            raise RuntimeError("watching a transfer that did not start")
+        seen, moved_at = sender.bytes_received, self._clock()
+        poll = min(STALL_POLL_SECONDS, timeout / 4)
+        while not send_task.done():
+            await asyncio.sleep(poll)
+            now, count = self._clock(), sender.bytes_received
+            if count != seen:
+                seen, moved_at = count, now
+            elif now - moved_at >= timeout:
+                return count
+        await asyncio.Event().wait()  # cancelled by finish_unless_stalled
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _after_receive_exited(
         self,

@@ -207,7 +207,9 @@ class Daemon:
         return lambda: self._keys.pool_key(disk.label)
 
     async def _connect(self, source: Source) -> RemoteHost:
-        return await remote.connect(remote.SshTarget.from_source(source), self._keys.client_key())
+        target = remote.SshTarget.from_source(
+            source, command_timeout=float(self.config.daemon.stall_timeout_seconds))
+        return await remote.connect(target, self._keys.client_key())
 
     # -- udev ----------------------------------------------------------------------------
 

@@ -8,7 +8,13 @@ pool's life from mapping to power-off), ``source_run.SourceRun`` (one source: sn
 list, placeholders) and ``replicate.DatasetReplication`` (one dataset: plan, transfer,
 hold, cursor, prunes). Every phase is reported through ``report`` (the daemon turns it
 into ``STATUS=`` and the control socket's answer). Failures of one dataset are isolated
-(the others still run); failures of the disk (import, key, export) end the session.
+(the others still run), and so are a source's: its problems are recorded as
+``source <name>: …`` and the next source runs. A source that failed transiently (server
+unreachable, link cut, transfer stalled: ``error.transient``) is tried again after a
+backoff while the retry window lasts (``[daemon] retry_window_seconds``, ``core/retry``),
+re-planned from scratch (an interrupted receive resumes from its token); meanwhile the
+other sources run and the status says "retrying server X in N s, attempt k/n". Failures
+of the disk (import, key, export, a suspended pool) end the session.
 Whatever happens after the pool was imported, the session tries to unload the key and
 export it, unless the pool is suspended (the disk was pulled): then it says so and leaves
 the pool for ``zpool clear`` when the same disk comes back.
@@ -19,18 +25,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 
 from zbackupd.config import Config, Disk, Source
+from zbackupd.core.retry import gave_up_message, retry_message
 from zbackupd.core.status import DiskStatus, Phase, Progress
 from zbackupd.disk.devmap import DeviceMapper
 from zbackupd.errors import ZbackupdError
 from zbackupd.server.prune import InUseRegistry
 from zbackupd.server.remote import RemoteHost
+from zbackupd.server.transfer import stream
 from zbackupd.service.pool import (
     DiskPool,
     PoolIdentityMismatch,
@@ -39,6 +47,14 @@ from zbackupd.service.pool import (
     WrongDiskKey,
 )
 from zbackupd.service.replicate import DatasetReplication
+from zbackupd.service.retrying import (
+    PendingRetry,
+    SourceInterrupted,
+    StallStreamer,
+    TransferWatch,
+    retry_policy,
+    wait_until,
+)
 from zbackupd.service.source_run import (
     Connector,
     SourceDatasetInfo,
@@ -55,12 +71,27 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
+class _SourceLog:
+    """One source's datasets and problems, as its latest attempt left them."""
+
+    results: list[DatasetResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _RunLog:
     """Mutable tally of one run; frozen into a ``RunRecord`` at the end."""
 
-    results: list[DatasetResult] = field(default_factory=list)
-    bytes_sent: int = 0
-    problems: list[str] = field(default_factory=list)
+    sources: dict[str, _SourceLog] = field(default_factory=dict)
+    bytes_sent: int = 0  # every attempt's: bytes that really moved
+
+    @property
+    def results(self) -> list[DatasetResult]:
+        return [result for log in self.sources.values() for result in log.results]
+
+    @property
+    def problems(self) -> list[str]:
+        return [problem for log in self.sources.values() for problem in log.problems]
 
 
 class Session:
@@ -83,6 +114,9 @@ class Session:
         device_mapper: DeviceMapper | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         run_id: str | None = None,
+        streamer: StallStreamer = stream,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
         self.disk = disk
@@ -93,6 +127,11 @@ class Session:
         self._report = report
         self._pool_key = pool_key
         self._now = now
+        self._clock = clock
+        self._sleep = sleep
+        #: The streamer every dataset transfers with: the stall timeout applied, the
+        #: transient failure of the current source attempt remembered.
+        self.transfers = TransferWatch(streamer, float(config.daemon.stall_timeout_seconds))
         self._status = DiskStatus(disk.label, disk.serial, Phase.DETECTED, run_id=self.run_id)
         self._log = log.bind(disk=disk.serial, disk_label=disk.label, run_id=self.run_id)
         self._tally = _RunLog()
@@ -195,8 +234,7 @@ class Session:
         try:
             await pool.open()
             await pool.unlock(self._pool_key)
-            for source in self.config.sources_for(self.disk):
-                await self._back_up_source(source)
+            await self._back_up_sources()
         except ZbackupdError as error:
             failure = error
         finally:  # also when cancelled (SIGTERM): the transfer is aborted, the pool exported
@@ -256,9 +294,76 @@ class Session:
             config=self.config, disk=self.pool.as_imported, source=source, info=info, remote=remote,
             zfs=self._zfs, runner=self._runner, in_use=self._in_use, now=self._now,
             report=self._enter, log=self._log, index=index, total=total,
+            streamer=self.transfers,
         )
 
-    async def _back_up_source(self, source: Source) -> None:
+    async def _back_up_sources(self) -> None:
+        """Every source once, in order; then those that failed transiently, each when its
+        backoff is over, while the window lasts (the disk stays imported meanwhile)."""
+        policy = retry_policy(self.config.daemon)
+        pending: list[PendingRetry] = []
+        for source in self.config.sources_for(self.disk):
+            self._schedule(policy.next_delay, pending, source, await self._attempt(source))
+        while pending:
+            entry = min(pending, key=lambda p: p.due)
+            pending.remove(entry)
+
+            def show(left: float, entry: PendingRetry = entry) -> None:
+                self._enter(Phase.RETRYING, retry_message(
+                    entry.source.name, left, entry.failures + 1, policy.max_attempts,
+                    str(entry.error)))
+
+            await wait_until(entry.due, self._clock, self._sleep, show)
+            await self.pool.raise_if_suspended()  # the disk must still be there
+            error = await self._attempt(entry.source)
+            self._schedule(policy.next_delay, pending, entry.source, error, entry)
+
+    def _schedule(
+        self,
+        next_delay: Callable[[int, float], float | None],
+        pending: list[PendingRetry],
+        source: Source,
+        error: ZbackupdError | None,
+        earlier: PendingRetry | None = None,
+    ) -> None:
+        """After an attempt: nothing (done, or a permanent failure recorded), a retry
+        queued, or the transient failure recorded as the source's problem."""
+        if error is None:
+            return
+        now = self._clock()
+        first = earlier.first_failure if earlier is not None else now
+        failures = (earlier.failures if earlier is not None else 0) + 1
+        delay = next_delay(failures, now - first)
+        facts = {"source": source.name, "error": str(error), "error_type": type(error).__name__,
+                 "attempt": failures,
+                 "bytes_transferred": getattr(error, "bytes_transferred", None)}
+        if delay is None:
+            reason = gave_up_message(str(error), failures, now - first)
+            self._tally.sources[source.name].problems.append(f"source {source.name}: {reason}")
+            self._log.error(f"source {source.name} failed: {reason}", **facts)
+            return
+        self._log.warning(f"source {source.name} failed transiently: retrying in {delay:.0f} s",
+                          retry_in=delay, **facts)
+        pending.append(PendingRetry(source, failures, first, now + delay, error))
+
+    async def _attempt(self, source: Source) -> ZbackupdError | None:
+        """One try at ``source``: its datasets' results and problems replace an earlier
+        try's. Returns a transient failure to retry; a permanent one is recorded."""
+        self.transfers.reset()
+        log = self._tally.sources[source.name] = _SourceLog()
+        try:
+            await self._back_up_source(source, log)
+        except (parse.PoolSuspended, WrongDiskKey, PoolIdentityMismatch, PoolImportedElsewhere):
+            raise  # the disk itself: the session ends
+        except ZbackupdError as error:
+            if error.transient:
+                return error
+            log.problems.append(f"source {source.name}: {error}")
+            self._log.error(f"source {source.name} failed: {error}", source=source.name,
+                            error=str(error), error_type=type(error).__name__, transient=False)
+        return None
+
+    async def _back_up_source(self, source: Source, log: _SourceLog) -> None:
         self._enter(Phase.CONNECTING, f"{source.user}@{source.host}:{source.port}")
         remote = await self._connect(source)
         async with remote:
@@ -277,9 +382,13 @@ class Session:
                     up_to(versions.snapshots, info.name, own), versions.bookmarks
                 )
                 self._tally.bytes_sent += outcome.result.bytes_sent
-                self._tally.results.append(outcome.result)
-                if outcome.problem is not None:
-                    self._tally.problems.append(outcome.problem)
-                    # A failed transfer may be the disk going away (the receive fails
-                    # before ZFS says SUSPENDED): the next dataset would hang on it.
-                    await self.pool.raise_if_suspended()
+                log.results.append(outcome.result)
+                if outcome.problem is None:
+                    continue
+                # A failed transfer may be the disk going away (the receive fails
+                # before ZFS says SUSPENDED): the next dataset would hang on it.
+                await self.pool.raise_if_suspended()
+                cause = self.transfers.failure or remote.link_failure
+                if cause is not None and cause.transient:
+                    raise SourceInterrupted(source.name, outcome.problem, cause)
+                log.problems.append(f"source {source.name}: {outcome.problem}")
