@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import socket
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -27,6 +31,8 @@ from zbackupd.server.remote import (
 )
 from zbackupd.zfs.parse import DatasetNotFound
 from zbackupd.zfs.runner import CommandTimeout
+
+REPO = Path(__file__).resolve().parents[2]
 
 __all__ = ["fake_server"]  # the fixture, imported for pytest
 
@@ -222,3 +228,34 @@ async def test_remote_stderr_is_classified_by_the_zfs_parser_by_default(
         with pytest.raises(DatasetNotFound) as caught:
             await remote.run(["fail", "cannot open 'pool/x': dataset does not exist"])
     assert caught.value.argv == ("fail", "cannot open 'pool/x': dataset does not exist")
+
+
+# -- no file of the home directory is ever looked at -------------------------------------
+
+_OPTIONS_PROBE = """
+import asyncssh, sys
+from zbackupd.server.remote import SshTarget, client_options
+key = asyncssh.generate_private_key("ssh-ed25519")
+target = SshTarget(host="192.0.2.1", user="z",
+                   host_key=key.export_public_key().decode().strip())
+client_options(target, key)
+print("options built")
+"""
+
+
+def test_connecting_reads_nothing_from_an_unreadable_home(tmp_path: Path) -> None:
+    """Under the hardened unit (ProtectHome=yes, no CAP_DAC_OVERRIDE) the home directory
+    is unreadable: asyncssh's defaults (``~/.ssh/crt``, ``~/.ssh/ca-bundle.crt``,
+    ``~/.ssh/config``) must not be consulted, or every connection fails with EACCES (seen
+    in the VM). Here: root without the DAC capabilities, HOME another user's 0700 dir."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, 65534, 65534)
+    completed = subprocess.run(
+        ["/usr/bin/setpriv", "--bounding-set=-dac_override,-dac_read_search",
+         sys.executable, "-c", _OPTIONS_PROBE],
+        env={"HOME": str(home), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip() == "options built"

@@ -191,6 +191,39 @@ def _pinned_key(target: SshTarget) -> asyncssh.SSHKey:
         raise InvalidHostKey(target.host, str(exc)) from None
 
 
+def client_options(
+    target: SshTarget, client_key: asyncssh.SSHKey
+) -> asyncssh.SSHClientConnectionOptions:
+    """Everything the connection uses, said explicitly: the pinned host key, this one
+    client key, no agent, no config file, no password, no compression."""
+    pinned = _pinned_key(target)
+    # One wildcard line: the key, not the name the server is reached by, is the identity.
+    known_hosts = asyncssh.import_known_hosts(f"* {pinned.export_public_key().decode().strip()}\n")
+    return asyncssh.SSHClientConnectionOptions(
+        username=target.user,
+        known_hosts=known_hosts,
+        client_keys=[client_key],
+        config=[],
+        agent_path=None,
+        agent_forwarding=False,
+        password=None,
+        password_auth=False,
+        kbdint_auth=False,
+        gss_auth=False,
+        host_based_auth=False,
+        preferred_auth=("publickey",),
+        encryption_algs=list(target.ciphers),
+        compression_algs=None,  # zfs streams are compressed already; zlib would cost CPU
+        connect_timeout=target.connect_timeout,
+        keepalive_interval=target.keepalive_interval,
+        keepalive_count_max=target.keepalive_count_max,
+        # asyncssh would look for ~/.ssh/ca-bundle.crt and ~/.ssh/crt: under the unit the
+        # home is unreadable (ProtectHome=yes, no CAP_DAC_OVERRIDE) and looking fails.
+        x509_trusted_certs=None,
+        x509_trusted_cert_paths=[],
+    )
+
+
 class _PinnedClient(asyncssh.SSHClient):
     """Remembers a host key that was offered but not pinned, to name it in the error."""
 
@@ -221,31 +254,10 @@ async def connect(
     ``client_key`` is the already-decrypted private key object: no path, no agent.
     """
     pinned = _pinned_key(target)
-    # One wildcard line: the key, not the name the server is reached by, is the identity.
-    known_hosts = asyncssh.import_known_hosts(f"* {pinned.export_public_key().decode().strip()}\n")
     client = _PinnedClient()
     try:
         conn, _ = await asyncssh.create_connection(
-            lambda: client,
-            target.host,
-            target.port,
-            username=target.user,
-            known_hosts=known_hosts,
-            client_keys=[client_key],
-            config=[],
-            agent_path=None,
-            agent_forwarding=False,
-            password=None,
-            password_auth=False,
-            kbdint_auth=False,
-            gss_auth=False,
-            host_based_auth=False,
-            preferred_auth=("publickey",),
-            encryption_algs=list(target.ciphers),
-            compression_algs=None,  # zfs streams are compressed already; zlib would cost CPU
-            connect_timeout=target.connect_timeout,
-            keepalive_interval=target.keepalive_interval,
-            keepalive_count_max=target.keepalive_count_max,
+            lambda: client, target.host, target.port, options=client_options(target, client_key)
         )
     except asyncssh.HostKeyNotVerifiable:
         offered = client.offered_key.get_fingerprint() if client.offered_key else None
