@@ -103,6 +103,9 @@ def test_a_clock_years_ahead_prunes_nothing_and_warns(
     assert config.count('reuse_pattern = "heal_*"') == len(story.ROOTS), config
     assert "daily = 7" in config, config
     vm.run(f"install -D -m 0644 /dev/stdin {story.CONFIG_PATH}", stdin=config.encode())
+    # The daemon holds the reused snapshot it sends: the server's gate must allow it.
+    vm.run(f"install -D -m 0644 /dev/stdin {story.GATE_CONFIG}",
+           stdin=(story._gate_config() + 'hold_patterns = ["heal_*"]\n').encode())
     disk = story.init_disk(vm, usb_disk(serial="ZBCLOCK1", size=1 << 30), "heal-clock")
     vm.unplug_usb_disk(disk.usb)
     with guest_clock(vm):
