@@ -102,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         config.daemon.control_socket,
         on_status=daemon.handle_status,
         on_unlock=daemon.handle_unlock,
+        on_plan=daemon.handle_plan,
     )
     asyncio.run(daemon.run(control))
     return EXIT_OK
@@ -140,6 +141,27 @@ def _status(args: argparse.Namespace) -> int:
         for line in render_table(reports, phases):
             print(f"  {line}")
     return exit_code(reports)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """What the next plug-in of each disk (or one) would send: a dry run, nothing changed."""
+    from zbackupd.service.control import request
+
+    config = _load(args)
+    result = asyncio.run(request(config.daemon.control_socket, "plan", label=args.label,
+                                 timeout=600))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return EXIT_OK
+    for disk in result["disks"]:
+        print(f"disk {disk['label']}:")
+        for source in disk["sources"]:
+            if source["error"]:
+                print(f"  source {source['source']}: cannot ask the server: {source['error']}")
+                continue
+            for dataset in source["datasets"]:
+                print(f"  {source['source']}: {dataset['summary']}")
+    return EXIT_OK
 
 
 def _unlock(args: argparse.Namespace) -> int:
@@ -286,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", _status, "what the daemon is doing, and each disk's last run")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    plan = command("plan", _plan, "dry run: what the next plug-in of each disk would send "
+                   "(needs the daemon unlocked; asks the server, changes nothing)")
+    plan.add_argument("label", nargs="?", help="one disk's label (default: every disk)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     takes_passphrase(command("unlock", _unlock, "give the running daemon the passphrase"))
 

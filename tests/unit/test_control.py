@@ -215,3 +215,23 @@ async def test_close_cancels_an_unlock_in_progress_and_wipes_its_passphrase(
             await asyncio.wait_for(client, CLOSE_BOUND)
     finally:
         client.cancel()
+
+
+async def test_plan_passes_the_label_and_answers_the_daemons_preview(tmp_path: Path) -> None:
+    asked: list[str | None] = []
+
+    async def plan(label: str | None) -> dict[str, Any]:
+        asked.append(label)
+        return {"disks": [{"label": label or "all"}]}
+
+    path = tmp_path / "run" / "control.sock"
+    daemon = Daemon()
+    server = ControlServer(path, on_status=daemon.status, on_unlock=daemon.unlock, on_plan=plan)
+    await server.start()
+    try:
+        assert await request(path, "plan", label="offsite-a") == {
+            "disks": [{"label": "offsite-a"}]}
+        assert await request(path, "plan") == {"disks": [{"label": "all"}]}
+    finally:
+        await server.close()
+    assert asked == ["offsite-a", None]

@@ -43,6 +43,8 @@ log = structlog.get_logger(__name__)
 
 StatusHandler = Callable[[], Awaitable[dict[str, Any]]]
 UnlockHandler = Callable[[SecretBytes], Awaitable[dict[str, Any]]]
+#: ``plan``: the disk label (None: every disk) → what the next plug-ins would send.
+PlanHandler = Callable[[str | None], Awaitable[dict[str, Any]]]
 
 
 class ControlError(PermanentError):
@@ -79,12 +81,14 @@ class ControlServer:
         *,
         on_status: StatusHandler,
         on_unlock: UnlockHandler,
+        on_plan: PlanHandler | None = None,
         allowed_uids: frozenset[int] | None = None,
         read_timeout: float = READ_TIMEOUT_SECONDS,
     ) -> None:
         self.path = path
         self._on_status = on_status
         self._on_unlock = on_unlock
+        self._on_plan = on_plan
         self._allowed = allowed_uids if allowed_uids is not None else frozenset({0, os.getuid()})
         self._read_timeout = read_timeout
         self._server: asyncio.AbstractServer | None = None
@@ -177,6 +181,10 @@ class ControlServer:
                 ) from None
             if op == "status":
                 return {"ok": True, "result": await self._on_status()}
+            if op == "plan" and self._on_plan is not None:
+                label = header.get("label")
+                return {"ok": True, "result": await self._on_plan(
+                    label if isinstance(label, str) else None)}
             if secret is not None:
                 with secret:  # zeroed when the handler is done, whatever it did
                     return {"ok": True, "result": await self._on_unlock(secret)}
@@ -232,10 +240,17 @@ async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None
 
 
 async def request(
-    path: Path, op: str, *, secret: SecretBytes | None = None, timeout: float = 120.0
+    path: Path,
+    op: str,
+    *,
+    secret: SecretBytes | None = None,
+    timeout: float = 120.0,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Send one request and return the daemon's ``result``; raise ``ControlError`` on refusal."""
     header: dict[str, Any] = {"op": op}
+    if label is not None:
+        header["label"] = label
     if secret is not None:
         header["secret_length"] = len(secret)
     try:

@@ -37,7 +37,7 @@ from zbackupd.disk.udev import (
     Removed,
     SerialMismatch,
 )
-from zbackupd.errors import ZbackupdError
+from zbackupd.errors import PermanentError, ZbackupdError
 from zbackupd.keys.derivation import KeyStore, WrongPassphrase
 from zbackupd.keys.secret import SecretBytes
 from zbackupd.server import remote
@@ -47,6 +47,7 @@ from zbackupd.service.keyring import Keyring, read_credential
 from zbackupd.service.monitor import Monitor
 from zbackupd.service.notify import Notifier
 from zbackupd.service.pool import revive_pool, temporary_pool_name
+from zbackupd.service.preview import preview_disk
 from zbackupd.service.session import Session
 from zbackupd.service.store import StateStore
 from zbackupd.zfs.facade import Zfs
@@ -189,6 +190,17 @@ class Daemon:
             if disk is not None:
                 self._start_session(disk, event)
         return as_dict(self._status)
+
+    async def handle_plan(self, label: str | None) -> dict[str, Any]:
+        """``zbackupd plan``: what each disk's next plug-in would send (the server asked
+        through the gate with the unlocked key; nothing is changed anywhere)."""
+        disks = [d for d in self.config.disks if label is None or d.label == label]
+        if label is not None and not disks:
+            raise PermanentError(f"no disk {label!r} in the configuration")
+        self._keys.client_key()  # locked: say so before connecting anywhere
+        return {"disks": [{"label": disk.label,
+                           "sources": await preview_disk(self.config, disk, self._connect)}
+                          for disk in disks]}
 
     async def _unlock_from_credential(self) -> None:
         credential = read_credential()
