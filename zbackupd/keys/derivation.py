@@ -23,8 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
@@ -49,6 +48,7 @@ from zbackupd.keys.keyfiles import (
 )
 from zbackupd.keys.secret import (
     SecretBytes,
+    WipedOnExit,
     ensure_private_dir,
     fsync_directory,
 )
@@ -159,7 +159,7 @@ def pool_key_info(disk_label: str) -> bytes:
     return INFO_POOL_KEY_PREFIX + encoded
 
 
-class MasterKey:
+class MasterKey(WipedOnExit):
     """The unlocked master key, in memory only. Derives the per-purpose keys.
 
     Every derived key is a fresh ``SecretBytes`` the caller owns and must wipe (use it
@@ -222,17 +222,6 @@ class MasterKey:
         if self._key is not None:
             self._key.wipe()
             self._key = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.wipe()
 
     def __repr__(self) -> str:
         return f"MasterKey(<{'wiped' if self._key is None else 'redacted'}>)"

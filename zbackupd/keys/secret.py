@@ -35,17 +35,13 @@ def wipe(buffer: bytearray | memoryview) -> None:
     view[:] = bytes(len(view))
 
 
-class SecretBytes(bytearray):
-    """A ``bytearray`` holding a secret: redacted ``repr``, no pickling, wiped on exit."""
+class WipedOnExit:
+    """``with secret: …`` wipes it however the block ends (``wipe()`` is the class's)."""
+
+    __slots__ = ()
 
     def wipe(self) -> None:
-        """Zero the content in place. The length stays, so a wiped key is all zeros."""
-        wipe(self)
-
-    @property
-    def is_wiped(self) -> bool:
-        """True when every byte is zero (after ``wipe()``; a fresh all-zero secret too)."""
-        return not any(self)
+        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self
@@ -57,6 +53,19 @@ class SecretBytes(bytearray):
         tb: TracebackType | None,
     ) -> None:
         self.wipe()
+
+
+class SecretBytes(WipedOnExit, bytearray):
+    """A ``bytearray`` holding a secret: redacted ``repr``, no pickling, wiped on exit."""
+
+    def wipe(self) -> None:
+        """Zero the content in place. The length stays, so a wiped key is all zeros."""
+        wipe(self)
+
+    @property
+    def is_wiped(self) -> bool:
+        """True when every byte is zero (after ``wipe()``; a fresh all-zero secret too)."""
+        return not any(self)
 
     def __repr__(self) -> str:
         return f"SecretBytes(<{len(self)} bytes redacted>)"
