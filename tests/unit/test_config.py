@@ -465,10 +465,6 @@ def test_bad_transport_options_are_refused(extra: str, key: str) -> None:
     [
         ('root = "tank"\nsnapshots = "reuse"', "reuse_pattern"),
         ('root = "tank"\nreuse_pattern = "autosnap_*"', "reuse_pattern"),
-        (
-            'root = "tank"\nsnapshots = "reuse"\nreuse_pattern = "a*"\nsnapshot_prefix = "x"',
-            "snapshot_prefix",
-        ),
         ('root = "tank"\nrecursive = false\ninclude = ["a"]', "include"),
         ('root = "tank"\nrecursive = false\nexclude = ["a"]', "exclude"),
         ('root = "tank"\nsnapshots = "sometimes"', "snapshots"),
@@ -712,3 +708,16 @@ def test_retry_stall_and_keepalive_defaults_and_overrides() -> None:
     assert tuned.daemon.retry_backoff_seconds == (5,)
     assert tuned.daemon.stall_timeout_seconds == 20
     assert tuned.sources[0].keepalive_count_max == 3
+
+
+def test_a_sources_datasets_share_one_prefix() -> None:
+    """The prefix names run snapshots, holds and cursors; the gate accepts one prefix."""
+    same = ('root = "tank/a"\nsnapshot_prefix = "site"\n\n[[sources.datasets]]\n'
+            'root = "tank/b"\nsnapshots = "reuse"\nreuse_pattern = "a*"\n'
+            'snapshot_prefix = "site"')
+    config = parse_config(source_block(datasets=same) + disk_block(), source="t.toml")
+    assert {d.snapshot_prefix for d in config.sources[0].datasets} == {"site"}
+    mixed = same.replace('reuse_pattern = "a*"\nsnapshot_prefix = "site"', 'reuse_pattern = "a*"')
+    error = refusal(source_block(datasets=mixed) + disk_block())
+    assert keys_of(error) == {"sources[0].datasets[1].snapshot_prefix"}
+    assert "share one prefix" in str(error)

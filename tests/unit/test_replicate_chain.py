@@ -11,6 +11,7 @@ record of what reached the server and the transfer.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -436,3 +437,59 @@ async def test_a_failed_release_keeps_what_it_was_to_free_and_prunes_the_rest() 
     await w.replication(info()).prune_server(days[-1])
     destroyed = [e[2] for e in w.events if e[1] == "destroy"]
     assert destroyed == [f"tank/a@{days[1].short_name}"]
+
+
+# -- F: one prefix for run snapshots, holds and cursors ----------------------------------
+
+SITE = parse_config(
+    f"""
+[[sources]]
+name = "backup"
+host = "backup.example.org"
+user = "zbackupd"
+host_key = "{KEY}"
+
+[[sources.datasets]]
+root = "tank/a"
+snapshot_prefix = "site"
+
+[[disks]]
+label = "offsite-a"
+serial = "SERIAL-A"
+pool_guid = "11856427362548921357"
+pool_name = "zbackup"
+""",
+    source="site.toml",
+)
+
+
+async def test_a_configured_prefix_names_the_holds_and_cursors_as_the_gate_expects() -> None:
+    """The gate configured with ``prefix = "site"`` accepts only site_ names: the daemon's
+    holds and cursors must carry the source's prefix too, not the default."""
+    site = [Snapshot(f"tank/a@site_2026010{day}T000000Z", day, 10 * day) for day in (1, 2)]
+    first = world(site[:1])
+    source = SITE.sources[0]
+    config = source.datasets[0]
+
+    def replication(w: World) -> DatasetReplication:
+        return DatasetReplication(
+            config=SITE, disk=SITE.disks[0], source=source, info=info(config),
+            remote=cast(RemoteHost, w.server), zfs=cast(Zfs, w.disk),
+            runner=cast(Runner, None), in_use=InUseRegistry().lease("run-a"),
+            now=lambda: NOW, report=lambda *_, **__: None, log=structlog.get_logger(),
+            index=0, total=1, streamer=w.streamer,
+        )  # fmt: skip
+
+    outcome = await replication(first).run(site[:1], [])
+    assert outcome.problem is None, outcome
+    second = world(site, first.server.bookmarks, first.disk.copies)
+    outcome = await replication(second).run(site, second.server.bookmarks)
+    assert outcome.problem is None, outcome
+    gate_config = gate.GateConfig(roots=("tank/a",), prefix="site")
+    issued = [e for e in (*first.events, *second.events) if e[0] == "zfs"
+              and e[1] in ("hold", "release", "bookmark", "destroy")]  # fmt: skip
+    assert {e[1] for e in issued} >= {"hold", "release", "bookmark"}
+    for argv in issued:
+        decision = gate.decide(shlex.join(argv), gate_config, no_lookup)
+        assert isinstance(decision, gate.Accepted), decision
+    assert all(b.short_name.startswith("site_offsite-a") for b in second.server.bookmarks)

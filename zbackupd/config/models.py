@@ -408,10 +408,13 @@ def _dataset_problems(
                 f"{entry}.reuse_pattern",
                 'only applies with snapshots = "reuse" (snapshots is "create")',
             )
-        if dataset.snapshots == "reuse" and "snapshot_prefix" in dataset.model_fields_set:
+        first_index, first = datasets[0]
+        if dataset.snapshot_prefix != first.snapshot_prefix:
             yield ConfigProblem(
                 f"{entry}.snapshot_prefix",
-                'only applies with snapshots = "create" (snapshots is "reuse")',
+                f"{dataset.snapshot_prefix!r}, but datasets[{first_index}] uses "
+                f"{first.snapshot_prefix!r}: a source's datasets share one prefix (it names "
+                "the run snapshots, holds and cursors, and the server's gate accepts one)",
             )
         if not dataset.recursive:
             for field in ("include", "exclude"):

@@ -108,7 +108,8 @@ async def _preview_source(disk: Disk, source: Source, connect: Connect) -> list[
             state = states.get(info.name, DatasetState(info.name, ()))
             sendable = select_sendable(state.snapshots, snapshot_filter(info.config))
             preview = preview_dataset(
-                state, cursors_of(state.bookmarks, disk.label), sendable,
+                state, cursors_of(state.bookmarks, disk.label, info.config.snapshot_prefix),
+                sendable,
                 creates_snapshots=info.config.snapshots == "create",
                 written=written.get(info.name),
             )

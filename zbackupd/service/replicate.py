@@ -152,6 +152,12 @@ class DatasetReplication:
         #: Up to date with the cursor at the base (``idle.is_settled``): no server work.
         self._settled = False
 
+    @property
+    def prefix(self) -> str:
+        """The prefix of this dataset's run snapshots, and so of this disk's hold tag and
+        cursors on it: the server's gate accepts one prefix (its ``prefix``)."""
+        return self.info.config.snapshot_prefix
+
     async def run(
         self, snapshots: Sequence[Snapshot], bookmarks: Sequence[Bookmark]
     ) -> DatasetOutcome:
@@ -163,7 +169,7 @@ class DatasetReplication:
             tuple(b for b in bookmarks if b.dataset == info.name),
         )
         self._server_snapshots = server.snapshots
-        self._cursors = list(cursors_of(server.bookmarks, self.disk.label))
+        self._cursors = list(cursors_of(server.bookmarks, self.disk.label, self.prefix))
         problem: str | None = None
         try:
             outcome = await self._replicate(server)
@@ -302,7 +308,7 @@ class DatasetReplication:
                 "overwrite it: destroy it on the disk to let zbackupd send it afresh"
             )
         estimate = self._estimate_bytes = await self._estimate(step)
-        tag = names.hold_tag(self.disk.label)
+        tag = names.hold_tag(self.disk.label, self.prefix)
         held = held_snapshot_name(step)
         if held is not None and not isinstance(step, planner.Resume):
             # A resume's snapshot is still held from the interrupted run.
@@ -400,7 +406,8 @@ class DatasetReplication:
                     f"cursor not moved: {to.short_name} (guid {to.guid}) is no longer a "
                     f"snapshot of {info.name} on the server", snapshot=to.name, guid=to.guid)
                 return
-            name = names.cursor_bookmark_name(info.name, self.disk.label, guid=on_server.guid)
+            name = names.cursor_bookmark_name(info.name, self.disk.label, self.prefix,
+                                              guid=on_server.guid)
             if all(mark.name != name for mark in self._cursors):
                 await self._remote.run(zargv.bookmark(on_server.name, name))
             current = Bookmark(name, on_server.guid, on_server.createtxg, on_server.creation)
@@ -421,14 +428,14 @@ class DatasetReplication:
         ``server/prune.py`` decides), over one listing and one ``zfs holds``
         (``server/cleanup.py``). A failure only warns: the next run tries again."""
         info = self.info
-        tag = names.hold_tag(self.disk.label)
+        tag = names.hold_tag(self.disk.label, self.prefix)
         create = info.config.snapshots == "create"
         done = await clean_up_dataset(
             self._remote, info.name, tag, sent=final,
             policy=(OwnSnapshotPolicy(info.config.snapshot_prefix,
                                       self.source.keep_own_snapshots) if create else None),
             other_disks=other_disk_labels(self.config, self.disk, self.source),
-            in_use=self._in_use.others_now,
+            in_use=self._in_use.others_now, cursor_prefix=self.prefix,
         )  # fmt: skip
         failures = [(done.release_failed, "releasing stale holds on")]
         if done.prune_failed is not done.release_failed:  # a failed listing: said once
