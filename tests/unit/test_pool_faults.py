@@ -295,6 +295,8 @@ class _Remote:
 
 
 class _Listing:
+    refused: tuple[object, ...] = ()  # no row refused by the name grammar
+
     """One source listing with two selected datasets (what ``SourceRun`` hands over)."""
 
     def __init__(self) -> None:

@@ -404,6 +404,26 @@ async def test_the_run_snapshot_covers_exactly_the_selected_datasets() -> None:
     assert registry.in_use([f"tank/a/child@{short}"]) == {f"tank/a/child@{short}"}
 
 
+async def test_a_name_the_grammar_refuses_fails_only_its_dataset() -> None:
+    """One dataset with a name zbackupd cannot handle (here a snapshot name with a space)
+    must not sink the listing: the others are listed and planned, it is refused with its
+    reason (issue 11.11)."""
+    events: list[Event] = []
+    server = FakeServer(events, [own(1), own(1, "tank/c")], datasets=(
+        "tank/a\tfilesystem\t1\toff\t-\t0\n"
+        "tank/a/bad name\tfilesystem\t2\toff\t-\t0\n"
+        "tank/c\tfilesystem\t3\toff\t-\t0\n"))  # fmt: skip
+    server.snapshots.append(Snapshot("tank/c@my snap", 99, 5))
+    work = SourceRun(disk=DISK, source=SOURCE, remote=cast(RemoteHost, server),
+                     zfs=cast(Zfs, None), in_use=InUseRegistry().lease("run-a"), now=lambda: NOW,
+                     log=structlog.get_logger())  # fmt: skip
+    await work.take_snapshots()
+    listing = await work.list()
+    assert [s.name for s in listing.selected] == ["tank/a"]
+    assert sorted(row.dataset for row in listing.refused) == ["tank/a/bad name", "tank/c"]
+    assert all("name grammar refuses" in row.explain() for row in listing.refused)
+
+
 # -- E: this disk's stale holds go in every mode ----------------------------------------
 
 

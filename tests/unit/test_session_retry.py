@@ -80,6 +80,8 @@ class _Remote:
 
 
 class _Listing:
+    refused: tuple[object, ...] = ()  # no row refused by the name grammar
+
     def __init__(self, source: Source) -> None:
         dataset = source.datasets[0]
         self.selected = (SourceDatasetInfo(dataset.root, Encryption.ENCRYPTED,

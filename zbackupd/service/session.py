@@ -371,6 +371,10 @@ class Session:
             taken_at = await work.take_snapshots()
             self._enter(Phase.PLANNING, source.name)
             listing = await work.list()
+            for row in listing.refused:  # one dataset's bad name sinks only that dataset
+                log.results.append(DatasetResult(row.dataset, f"failed: {row.reason}"))
+                log.problems.append(f"source {source.name}: {row.explain()}")
+                self._log.error(row.explain(), dataset=row.dataset, source=source.name)
             await work.ensure_parents(listing.selected)
             for index, info in enumerate(listing.selected):
                 own = run_snapshot_short_name(info.config, taken_at)

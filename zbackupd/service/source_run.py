@@ -24,6 +24,7 @@ from zbackupd.server.remote import RemoteHost
 from zbackupd.zfs import argv as zargv
 from zbackupd.zfs import names, parse
 from zbackupd.zfs.facade import Zfs
+from zbackupd.zfs.listing import RefusedRow, parse_datasets_by_row, parse_versions_by_dataset
 
 
 class Connector(Protocol):
@@ -55,6 +56,9 @@ class SourceListing:
 
     selected: tuple[SourceDatasetInfo, ...]
     versions: Mapping[str, DatasetState]
+    #: Datasets left out because a row of theirs has a name the grammar refuses: each is
+    #: its own problem, the others run (``zfs.listing``).
+    refused: tuple[RefusedRow, ...] = ()
 
     def state(self, dataset: str) -> DatasetState:
         """``dataset``'s snapshots and bookmarks (none listed: an empty state)."""
@@ -170,6 +174,8 @@ class SourceRun:
         self._versions: dict[str, DatasetState] | None = None
         #: The datasets snapshotted by this run, with the snapshot's short name.
         self._taken: dict[str, str] = {}
+        #: Rows of the listings the name grammar refused (their datasets are left out).
+        self._refused: dict[str, RefusedRow] = {}
 
     @property
     def _roots(self) -> list[str]:
@@ -179,8 +185,9 @@ class SourceRun:
         """The datasets under the roots that the configuration selects (listed once)."""
         if self._selected is None:
             answer = await self._remote.run(zargv.list_datasets(self._roots))
-            self._selected = select_datasets(self.disk, self.source,
-                                             parse.parse_datasets(answer.text))
+            rows, refused = parse_datasets_by_row(answer.text)
+            self._refuse(refused)
+            self._selected = select_datasets(self.disk, self.source, rows)
         return self._selected
 
     async def take_snapshots(self) -> datetime:
@@ -208,6 +215,8 @@ class SourceRun:
                     newest = idle.newest_snapshot(state)
                     if newest is not None:
                         self._in_use.protect([newest.name])  # what this run sends instead
+            # A dataset the listing refused is left out: it gets no run snapshot either.
+            create = [info for info in create if info.name not in self._refused]
         if spared:
             self._log.info(f"{len(spared)} dataset(s) unchanged since their newest snapshot: "
                            "no run snapshot", datasets=len(spared), source=self.source.name)
@@ -246,8 +255,14 @@ class SourceRun:
         for batch in batches:
             answer = await self._remote.run(
                 zargv.list_snapshots_and_bookmarks(batch, recursive=recursive))
-            grouped.update(group_versions(*parse.parse_versions(answer.text)))
+            listing = parse_versions_by_dataset(answer.text)
+            self._refuse(listing.refused)
+            grouped.update(group_versions(listing.snapshots, listing.bookmarks))
         return grouped
+
+    def _refuse(self, rows: Sequence[RefusedRow]) -> None:
+        for row in rows:
+            self._refused.setdefault(row.dataset, row)
 
     async def list(self) -> SourceListing:
         """The selected datasets (``select``) with their snapshots and bookmarks as they
@@ -265,8 +280,9 @@ class SourceRun:
             replace(info, run_snapshot=self._taken[info.name]) if info.name in self._taken
             else info
             for info in selected
+            if info.name not in self._refused
         )
-        return SourceListing(chosen, versions)
+        return SourceListing(chosen, versions, tuple(self._refused.values()))
 
     async def ensure_parents(self, selected: Sequence[SourceDatasetInfo]) -> None:
         """Receiving needs the target's parent: create missing ancestors, parents first.
