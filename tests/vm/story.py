@@ -257,21 +257,19 @@ def export(vm: Vm, disk: BackupDisk) -> None:
 
 
 def inspect_own_run(vm: Vm, server: BackupServer, disk: BackupDisk, run: dict[str, Any]) -> None:
-    """With the daemon stopped: the disk holds its own run's snapshot of every dataset:
-    one point in time (another disk's run may have snapshotted the server again
-    meanwhile), GUIDs the server's. The pool is imported by hand under the name on the
-    disk, which proves the daemon's temporary import name was not written there."""
-    own = {result["newest_snapshot"] for result in run["datasets"]}
-    assert len(own) == 1, run
-    [snapshot] = own
+    """With the daemon stopped: the disk holds, of every dataset, exactly the snapshot its
+    own run reports (another disk's run may have snapshotted the server again meanwhile;
+    a dataset with nothing written since its newest snapshot is sent that one instead of
+    a new run snapshot), GUIDs the server's. The pool is imported by hand under the name
+    on the disk, which proves the daemon's temporary import name was not written there."""
+    sent = {result["dataset"]: result["newest_snapshot"] for result in run["datasets"]}
+    assert all(sent.values()), run
     listing = vm.run(server.ssh(
         "zfs list -H -p -t snapshot -o name,guid -r " + " ".join(ROOTS)
     )).stdout
-    server_guids = {
-        name.partition("@")[0]: int(guid)
-        for name, guid in (line.split("\t") for line in listing.splitlines())
-        if name.endswith("@" + snapshot)
-    }
+    guid_of = {name: int(guid) for name, guid in (line.split("\t")
+                                                 for line in listing.splitlines())}
+    server_guids = {dataset: guid_of[f"{dataset}@{short}"] for dataset, short in sent.items()}
     if not disk_present(vm, disk.usb):  # powered off by the daemon: plug it in again
         replug(vm, disk)
     import_for_inspection(vm, disk)
