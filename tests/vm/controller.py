@@ -180,7 +180,9 @@ def qemu_argv(
         "-drive", f"file={source_disk},if=virtio,format=raw,cache=unsafe",
         "-netdev", f"user,id={NETDEV_ID},restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", f"virtio-net-pci,netdev={NETDEV_ID}",
-        "-device", "qemu-xhci,id=xhci",
+        # 15 USB 2 and 15 USB 3 ports (the most qemu-xhci has): a long suite plugs many
+        # disks, and with the default 4 + 4 later disks land on hubs that did not enumerate.
+        "-device", "qemu-xhci,id=xhci,p2=15,p3=15",
         "-serial", f"file:{console_log}",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
         "-pidfile", str(pidfile),
