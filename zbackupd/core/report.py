@@ -56,6 +56,11 @@ class DiskReport:
     def never_backed_up(self) -> bool:
         return self.last_success is None
 
+    @property
+    def days_without_backup(self) -> int:
+        """Whole days since the last success finished (0 when there was none)."""
+        return int((self.age_seconds or 0) // DAY_SECONDS)
+
 
 def disk_reports(
     disks: Sequence[DiskIdentity],
@@ -126,9 +131,9 @@ def render_table(reports: Sequence[DiskReport], phases: Mapping[str, str]) -> li
         if report.failed and report.last_run is not None:
             lines.append(f"{report.label}: last run {_when(report.last_run.finished)} "
                          f"{report.last_run.summary}")
-        elif report.stale and report.age_seconds is not None:
-            lines.append(f"{report.label}: no backup for {int(report.age_seconds // DAY_SECONDS)}"
-                         " days: plug it in")
+        elif report.stale:
+            lines.append(f"{report.label}: no backup for {report.days_without_backup} days: "
+                         "plug it in")
     return lines
 
 

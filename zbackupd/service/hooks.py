@@ -79,7 +79,7 @@ def stale_alerts(
     alerts = tuple(
         Alert(AlertEvent.STALE, r.label, r.serial,
               f"disk {r.label} has had no successful backup for "
-              f"{int((r.age_seconds or 0) // 86_400)} days: plug it in",
+              f"{r.days_without_backup} days: plug it in",
               last_success=r.last_success.finished if r.last_success else None)
         for label, r in stale.items() if label not in already
     )

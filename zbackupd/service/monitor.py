@@ -50,7 +50,7 @@ def reports_from_store(config: Config, store: StateStore, now: float) -> tuple[D
 def stale_notes(reports: tuple[DiskReport, ...]) -> tuple[str, ...]:
     """For the status line: ``offsite-b: no backup for 20 days``."""
     return tuple(
-        f"{r.label}: no backup for {int((r.age_seconds or 0) // 86_400)} days"
+        f"{r.label}: no backup for {r.days_without_backup} days"
         for r in reports if r.stale
     )
 
