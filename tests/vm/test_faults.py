@@ -208,11 +208,44 @@ def _stay_away_until_suspended(vm: Vm, disk: story.BackupDisk, latencies: list[f
     assert _pool_state(vm, disk.imported_as) == "SUSPENDED"
 
 
+def _assert_revived(vm: Vm, disk: story.BackupDisk, *, by_a_new_daemon: bool) -> None:
+    journal = _journal(vm, f"DISK={disk.usb.serial}")
+    if by_a_new_daemon:
+        assert "pool still imported from an earlier pull: reviving" in journal
+    else:
+        assert "pulled disk is back" in journal
+        assert "pool revived after re-plug" in journal
+    assert "mapping re-pointed at the re-plugged disk" in journal
+    # The mapping went with the export, before the power-off.
+    assert vm.run(f"dmsetup table zbackupd-{disk.label}", check=False).returncode != 0
+
+
+def _stop_with_a_receive_stuck_in_the_kernel(vm: Vm, disk: story.BackupDisk) -> None:
+    """``systemctl stop`` while the receive waits in the kernel for the pulled disk: the
+    stop ends within TimeoutStopSec, not in systemd's stop timeout, and the journal names
+    the stuck process and what to do."""
+    stuck = vm.run("pgrep -f '^zfs receive'").stdout.split()
+    assert stuck, "a zfs receive waits for the pulled disk"
+    started = time.monotonic()
+    vm.run("systemctl stop zbackupd", timeout=2 * TIMEOUT_STOP_SECONDS + 60)
+    stop_seconds = time.monotonic() - started
+    result = vm.run("systemctl show -P Result zbackupd").stdout.strip()
+    journal = vm.run("journalctl -u zbackupd --no-pager -o cat -n 60").stdout
+    print(f"stop with a stuck receive took {stop_seconds:.0f}s, result {result}; "
+          f"stuck pids {stuck}")
+    assert stop_seconds < TIMEOUT_STOP_SECONDS, (stop_seconds, journal)
+    assert result == "success", journal
+    assert f"(pid {stuck[0]}) is stuck in the kernel" in journal, journal
+    assert f"re-plug disk {disk.label}" in journal, journal
+
+
 # Last of the whole VM suite: if recovery ever fails, the guest keeps processes stuck in
 # the kernel, which must not poison the other tests.
 @pytest.mark.runs_last
 @pytest.mark.parametrize(
-    "away", ["briefly", "minutes"], ids=["replugged-soon", "replugged-after-minutes"]
+    "away",
+    ["briefly", "minutes", "stopped"],
+    ids=["replugged-soon", "replugged-after-minutes", "daemon-stopped-while-pulled"],
 )
 def test_disk_pulled_mid_transfer_finishes_after_replug(
     vm: Vm, server: BackupServer, installed: str, usb_disk: UsbDiskFactory, away: str
@@ -221,7 +254,7 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     minutes later it is SUSPENDED, where no zpool command can move the vdev to the new
     device. Both must end with the transfer finished: the pool sits on a device-mapper
     mapping (devmap) that is re-pointed at the re-plugged disk, then cleared."""
-    serial = "ZBPULL01" if away == "briefly" else "ZBPULL02"
+    serial = {"briefly": "ZBPULL01", "minutes": "ZBPULL02", "stopped": "ZBPULL03"}[away]
     usb = usb_disk(serial=serial, size=2 << 30)
     disk = story.init_disk(vm, usb, f"pulled-{serial[-1]}")
     vm.unplug_usb_disk(usb)
@@ -262,7 +295,14 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     print(f"pulled after {at_pull.get('bytes_done')} bytes; daemon latency {latencies}; "
           f"pool {_pool_state(vm, disk.imported_as)} at re-plug; guest:\n{evidence}")
 
+    if away == "stopped":
+        _stop_with_a_receive_stuck_in_the_kernel(vm, disk)
     vm.plug_usb_disk(usb.serial, usb.size_bytes, image=usb.image)
+    if away == "stopped":
+        # A new daemon finds the pool still imported through its own mapping, revives it
+        # and finishes the interrupted transfer in the run the re-plug starts.
+        story.start_daemon(vm)
+        story.unlock(vm)
     # Done, or the daemon gave up ("restart the machine"): no use waiting beyond that.
     story.wait_for(vm, f"disk {disk.label} finished after the re-plug",
                    lambda: "restart the machine" in story.systemd_status_line(vm)
@@ -274,12 +314,7 @@ def test_disk_pulled_mid_transfer_finishes_after_replug(
     assert after["ok"], after
     assert after["run_id"] != before["run_id"]
     assert disk.imported_as not in _imported_pools(vm)
-    journal = _journal(vm, f"DISK={usb.serial}")
-    assert "pulled disk is back" in journal
-    assert "pool revived after re-plug" in journal
-    assert "mapping re-pointed at the re-plugged disk" in journal
-    # The mapping went with the export, before the power-off.
-    assert vm.run(f"dmsetup table {mapping}", check=False).returncode != 0
+    _assert_revived(vm, disk, by_a_new_daemon=away == "stopped")
     print(f"re-plugged: finished {time.monotonic() - pulled_at:.0f}s after the pull; "
           f"run sent {after['bytes_sent']} bytes")  # fmt: skip
 

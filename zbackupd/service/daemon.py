@@ -49,6 +49,7 @@ from zbackupd.service.notify import Notifier
 from zbackupd.service.pool import revive_pool, temporary_pool_name
 from zbackupd.service.preview import preview_disk
 from zbackupd.service.session import Session
+from zbackupd.service.stopping import ChildProcess, own_children, stop_sessions
 from zbackupd.service.store import StateStore
 from zbackupd.zfs.facade import Zfs
 from zbackupd.zfs.runner import Runner
@@ -109,6 +110,7 @@ class Daemon:
         watchdog_interval: float | None = None,
         monitor: Monitor | None = None,
         config_loader: Callable[[], Config] | None = None,
+        children: Callable[[], list[ChildProcess]] = own_children,
     ) -> None:
         self.config = config
         self._zfs = zfs
@@ -124,6 +126,8 @@ class Daemon:
         self._monitor = monitor or Monitor(config, store)
         #: Reads the config file again on SIGHUP (``systemctl reload``); None: no reload.
         self._config_loader = config_loader
+        #: The daemon's live child processes: at stop, the ones left are stuck.
+        self._children = children
         self._status = DaemonStatus(locked=True)
         self._sessions: dict[str, asyncio.Task[None]] = {}
         self._active: dict[str, Session] = {}  # the Session behind each task in _sessions
@@ -463,14 +467,9 @@ class Daemon:
             log.info("stopping")
             self._watcher.stop()
             monitor.cancel()
-            tasks = [*self._sessions.values(), *self._recoveries.values()]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
-                if stuck:
-                    log.error("sessions still stuck at stop (a pulled disk?)",
-                              disks=sorted(self._pulled), stuck=len(stuck))
+            await stop_sessions([*self._sessions.values(), *self._recoveries.values()],
+                                grace=STOP_GRACE_SECONDS, pulled=self._pulled,
+                                children=self._children)
         finally:
             # The keys go first: nothing after this line may keep them alive by stalling.
             self._stopping.set()  # an unlock still deriving drops its key (DaemonStopping)
