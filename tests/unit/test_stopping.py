@@ -81,3 +81,11 @@ async def test_stop_does_not_wait_for_a_stuck_child_and_names_it() -> None:
     (line,) = [entry for entry in logs if entry.get("pid") == 1403]
     assert line["log_level"] == "error"
     assert "re-plug disk pulled-3" in line["event"]
+
+
+def test_a_long_or_odd_argv_stays_one_bounded_line() -> None:
+    odd = ChildProcess(7, "D", "", ("zfs", "receive", "pool/a\nb" + "x" * 400))
+    message = stuck_message(odd, ["pulled-3"])
+    assert "\n" not in message
+    assert "pool/a\\nb" in message
+    assert "...(truncated) (pid 7)" in message

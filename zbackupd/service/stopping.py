@@ -18,10 +18,13 @@ from pathlib import Path
 
 import structlog
 
+from zbackupd.server.gate import printable
+
 log = structlog.get_logger(__name__)
 
 PROC = Path("/proc")
-#: argv words shown in the journal line (the dataset is the last word of a receive).
+#: Characters of the argv shown in the journal line (one line, control characters
+#: escaped, as the gate logs commands; the dataset is the last word of a receive).
 SHOWN_ARGV_CHARS = 160
 
 
@@ -68,9 +71,7 @@ def own_children(proc: Path = PROC, parent: int | None = None) -> list[ChildProc
 
 def stuck_message(child: ChildProcess, pulled: Sequence[str]) -> str:
     """One self-contained journal line: which process, why it cannot end, what to do."""
-    command = " ".join(child.argv)
-    if len(command) > SHOWN_ARGV_CHARS:
-        command = command[: SHOWN_ARGV_CHARS - 1] + "…"
+    command = printable(" ".join(child.argv), SHOWN_ARGV_CHARS)
     waits = f", waiting in {child.wchan}" if child.wchan else ""
     if pulled:
         disks = ", ".join(pulled)
